@@ -1,0 +1,214 @@
+"""Command line. Parses arguments and calls each stage's ``run(recipe)``; nothing else.
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the commands so that
+``medsynth --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__, console
+from .errors import UserError
+
+app = typer.Typer(
+    name="medsynth",
+    help=(
+        "Class-labelled synthetic 2D medical images with Med-Art: VLM captions, LoRA fine-tuning of "
+        "PixArt-alpha (DiT + T5) with the HLDF colour loss, balanced synthesis into WebDataset shards, "
+        "downstream classification and scoring.\n\n"
+        "RECIPE is a YAML path or a built-in name (skin, kvasir, demo). When omitted: $MEDSYNTH_RECIPE, "
+        "else ./medsynth.yaml, else the recipe last used from this directory."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+# Global options may be given before the command (medsynth --json prepare) or after it.
+_global: dict = {"set": [], "json": False, "quiet": False}
+
+RecipeArg = Annotated[Optional[str], typer.Argument(help="recipe path or built-in name (optional, see `medsynth --help`)", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe key, e.g. --set finetune.max_steps=100 (repeatable)", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON result object on stdout")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info messages on stderr")]
+
+
+def _version(value: bool):
+    if value:
+        print(f"medsynth {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+):
+    _global["set"] = list(set_ or [])
+    _global["json"] = json_
+    _global["quiet"] = quiet
+    console.set_quiet(quiet)
+
+
+def _common(set_: list[str] | None, json_: bool, quiet: bool) -> tuple[list[str], bool]:
+    if quiet:
+        console.set_quiet(True)
+    return _global["set"] + list(set_ or []), bool(json_ or _global["json"])
+
+
+def _load(recipe: str | None, overrides: list[str]):
+    from .recipe import resolve_recipe
+
+    return resolve_recipe(recipe, overrides, say=console.info)
+
+
+def _emit(as_json: bool, result: dict, human: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(result, indent=None, sort_keys=True, default=str))
+    elif human:
+        print(human)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@app.command()
+def prepare(recipe: RecipeArg = None, set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
+    """Scan the image folder (or CSV manifest), verify every image, split 80/20 per class, write manifest.csv."""
+    overrides, as_json = _common(set_, json_, quiet)
+    r = _load(recipe, overrides)
+    from . import data
+    from .recipe import remember_recipe
+
+    manifest = data.run(r)
+    remember_recipe(r)
+    s = data.summary(r.workdir_path)
+    _emit(as_json, {"stage": "prepare", "workdir": str(r.workdir_path), **s}, str(manifest))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="workspace for the demo (toy data, models, outputs)")] = Path("medsynth-demo"),
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Run the whole pipeline on generated toy dermoscopy images, on the CPU, with no downloads."""
+    overrides, as_json = _common(set_, json_, quiet)
+    from . import demo as demo_mod
+
+    result = demo_mod.run(out, overrides)
+    _emit(as_json, result, result.get("summary"))
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@recipes_app.command("list")
+def recipes_list(json_: JsonOpt = False):
+    """List the built-in recipes."""
+    from .recipe import builtin_names, builtin_path
+
+    names = builtin_names()
+    if json_ or _global["json"]:
+        _emit(True, {"recipes": {n: str(builtin_path(n)) for n in names}})
+        return
+    for n in names:
+        first = builtin_path(n).read_text().splitlines()[:3]
+        desc = next((ln.lstrip("# ").strip() for ln in first if ln.startswith("#") and "medsynth" not in ln), "")
+        print(f"{n:10s} {desc}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="built-in name or path")],
+                 set_: SetOpt = None, json_: JsonOpt = False,
+                 resolved: Annotated[bool, typer.Option("--resolved", help="print the fully resolved recipe (every default filled in)")] = False):
+    """Print a recipe (as written, or --resolved with every default)."""
+    overrides, as_json = _common(set_, json_, False)
+    from .recipe import find_recipe_file, load_recipe, recipe_yaml
+
+    if resolved or overrides or as_json:
+        r = load_recipe(name, overrides)
+        if as_json:
+            _emit(True, r.to_dict())
+        else:
+            sys.stdout.write(recipe_yaml(r))
+    else:
+        sys.stdout.write(find_recipe_file(name).read_text())
+
+
+@recipes_app.command("validate")
+def recipes_validate(files: Annotated[list[str], typer.Argument(help="recipe paths or built-in names")],
+                     set_: SetOpt = None, json_: JsonOpt = False):
+    """Check recipes; every problem of every file is listed, exit 1 if any."""
+    overrides, as_json = _common(set_, json_, False)
+    from .errors import RecipeError
+    from .recipe import load_recipe
+
+    results, failed = {}, []
+    for f in files:
+        try:
+            load_recipe(f, overrides)
+            results[f] = []
+        except RecipeError as e:
+            results[f] = e.problems
+            failed.append(str(e))
+        except UserError as e:
+            results[f] = [str(e)]
+            failed.append(str(e))
+    if as_json:
+        _emit(True, {"valid": not failed, "problems": results})
+    else:
+        for f, probs in results.items():
+            if not probs:
+                print(f"{f}: ok")
+    if failed:
+        raise UserError("\n".join(failed))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _click_exception_types() -> tuple[tuple, tuple]:
+    """(UsageError types, ClickException types): newer Typer vendors click as typer._click."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["UsageError"]))
+        except ImportError:
+            pass
+    return tuple(m.UsageError for m in mods), tuple(m.ClickException for m in mods)
+
+
+def main(argv: list[str] | None = None) -> int:
+    usage_errors, click_errors = _click_exception_types()
+    try:
+        rv = app(args=argv, prog_name="medsynth", standalone_mode=False)
+        return int(rv) if isinstance(rv, int) else 0
+    except usage_errors as e:
+        e.show(file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except click_errors as e:
+        e.show(file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
