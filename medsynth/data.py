@@ -94,7 +94,9 @@ def _scan_folder(recipe: Recipe) -> tuple[list[ClassSpec], list[tuple[Path, str,
     for c in classes:
         folder = root / c.resolved_folder()
         for p in sorted(folder.rglob("*")):
-            if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."):
+            # Hidden files and folders (.ipynb_checkpoints, ._x.jpg resource forks) are not data.
+            hidden = any(part.startswith(".") for part in p.relative_to(folder).parts)
+            if p.is_file() and p.suffix.lower() in exts and not hidden:
                 items.append((p.resolve(), c.name, None))
     return classes, items
 

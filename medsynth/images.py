@@ -2,11 +2,14 @@
 
 Conversions (documented in docs/data.md):
 - grayscale (L, I;16, I, F) is replicated to three channels;
-- 16-bit and 32-bit integer data are scaled by the dtype's full range (65535 -> 255), not
-  stretched per image, so intensities stay comparable between images;
+- 16-bit and 32-bit integer data are scaled by the dtype's full range (65535 -> 255; signed
+  data from the minimum, -32768 -> 0), not stretched per image, so intensities stay comparable
+  between images; TIFFs other than 8-bit and unsigned 16-bit are read with tifffile, which
+  keeps the stored dtype (Pillow widens them to int32);
 - float data are clipped to [0, 1] when they lie there, else min-max scaled per image;
 - an alpha channel is dropped (colour values kept as stored);
 - palette / CMYK / YCbCr images are converted to RGB by Pillow;
+- a multi-page TIFF (a volume or stack) is refused rather than cut to its first page;
 - DICOM (.dcm) needs the optional extra ``pip install 'medsynth[dicom]'``; its VOI LUT /
   windowing is applied, then min-max scaled to 8 bit.
 """
@@ -50,6 +53,8 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 def _array_to_rgb(arr: np.ndarray) -> Image.Image:
+    if arr.size == 0:
+        raise BadImage("holds no pixel data")
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     elif arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
@@ -90,6 +95,16 @@ def _read_dicom(path: Path) -> Image.Image:
     return _array_to_rgb(np.asarray(arr))
 
 
+def _read_tiff(path: Path) -> Image.Image:
+    import tifffile
+
+    try:
+        arr = np.asarray(tifffile.imread(str(path)))
+    except Exception as e:  # tifffile raises many types for broken files
+        raise BadImage(f"cannot be decoded by Pillow or tifffile ({type(e).__name__}: {e})") from None
+    return _array_to_rgb(arr)
+
+
 def read_image(path: str | Path) -> Image.Image:
     """Decode ``path`` fully and return an 8-bit RGB image; raise BadImage if it cannot."""
     path = Path(path)
@@ -100,6 +115,10 @@ def read_image(path: str | Path) -> Image.Image:
             raise BadImage("is an empty file (0 bytes)")
         with Image.open(path) as img:
             img.load()
+            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
+                # Pillow would silently return the first page of a stack or volume.
+                raise BadImage(f"is a multi-page TIFF ({img.n_frames} pages, e.g. a volume or stack); "
+                               "medsynth reads single 2D images: save the slice you want as its own file")
             mode = img.mode
             if mode in ("RGB",):
                 return img.copy()
@@ -107,6 +126,10 @@ def read_image(path: str | Path) -> Image.Image:
                 if mode in ("LA", "PA"):
                     img = img.convert("RGBA")
                 return img.convert("RGB") if img.mode != "RGBA" else Image.fromarray(np.asarray(img)[..., :3], "RGB")
+            if path.suffix.lower() in (".tif", ".tiff") and mode not in ("I;16", "I;16L", "I;16B"):
+                # Pillow widens signed 16-bit and unsigned 32-bit TIFF samples to int32 mode "I"
+                # (wrapping values >= 2**31), losing the dtype whose full range we scale by.
+                return _read_tiff(path)
             arr = np.asarray(img)
             if mode == "I" and arr.size and arr.min() >= 0 and arr.max() <= 65535:
                 arr = arr.astype(np.uint16)  # Pillow widens 16-bit PNG to int32 mode "I"
@@ -114,17 +137,19 @@ def read_image(path: str | Path) -> Image.Image:
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(f"is too large to decode safely ({e})") from None
+        raise BadImage(f"is too large to decode safely ({e}); downscale or tile it first") from None
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
         # Pillow cannot read some 16-bit / multi-channel / float TIFFs: try tifffile.
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
                 import tifffile
 
-                return _array_to_rgb(np.asarray(tifffile.imread(str(path))))
-            except BadImage:
-                raise
-            except Exception:
-                pass
+                arr = np.asarray(tifffile.imread(str(path)))
+            except Exception:  # tifffile cannot read it either: report Pillow's reason below
+                arr = None
+            if arr is not None and arr.size:
+                return _array_to_rgb(arr)
+        if isinstance(e, OSError) and e.errno is not None:  # the file system, not the decoder
+            raise BadImage(f"cannot be read ({e.strerror})") from None
         msg = str(e) or type(e).__name__
         raise BadImage(f"cannot be decoded ({msg})") from None
