@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from .errors import UserError
 
@@ -119,6 +119,10 @@ def read_image(path: str | Path) -> Image.Image:
                 # Pillow would silently return the first page of a stack or volume.
                 raise BadImage(f"is a multi-page TIFF ({img.n_frames} pages, e.g. a volume or stack); "
                                "medsynth reads single 2D images: save the slice you want as its own file")
+            # Apply an EXIF orientation tag the way every viewer does (camera / phone images).
+            oriented = ImageOps.exif_transpose(img)
+            if oriented is not None and oriented is not img:
+                img = oriented
             mode = img.mode
             if mode in ("RGB",):
                 return img.copy()

@@ -258,3 +258,17 @@ def test_dicom_without_the_extra_is_a_user_error(tmp_path, monkeypatch):
     p.write_bytes(b"\x00" * 200)
     with pytest.raises(UserError, match=r"pip install 'medsynth\[dicom\]'"):
         read_image(p)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # A 20x10 image whose EXIF tag says "rotate 90° clockwise to display" (orientation 6).
+    arr = np.zeros((10, 20, 3), np.uint8)
+    arr[:, :5] = 255  # white band on the stored left edge -> top edge once upright
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = np.asarray(read_image(path))
+    assert out.shape == (20, 10, 3)
+    assert out[:4].mean() > 200 and out[-4:].mean() < 50
