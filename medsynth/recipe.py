@@ -79,10 +79,11 @@ class TinyConfig:
     text_layers: int = F(2, help="encoder layers of the tiny T5", min=1)
     text_dim: int = F(64, help="hidden size of the tiny T5", min=8)
     vocab_size: int = F(1000, help="vocabulary size of the tiny T5 tokenizer (trained offline on the class texts)", min=100)
-    vae_channels: list[int] = F(factory=lambda: [32, 64], help="channels per level of the tiny VAE (downsampling = 2^(levels-1))")
+    vae_channels: list[int] = F(factory=lambda: [16, 32, 32], help="channels per level of the tiny VAE (downsampling = 2^(levels-1): 3 levels = x4, 16x16 latents at 64 px)")
     latent_channels: int = F(4, help="latent channels of the tiny VAE", min=1)
     vae_fit_steps: int = F(600, help="optimizer steps fitting the tiny VAE to the training images (cached per data set)", min=0)
     vae_fit_batch: int = F(16, help="batch size when fitting the tiny VAE", min=1)
+    vae_fit_crop: int = F(32, help="square random crop (pixels) the tiny VAE is fitted on, 0 = whole images; crops make the fit ~4x cheaper", min=0)
 
 
 @dataclass
@@ -306,7 +307,13 @@ def _type_name(tp) -> str:
     return name + (" or null" if opt else "")
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _fmt(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]  # as written in YAML
     text = repr(value) if not isinstance(value, str) else f"'{value}'"
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -320,7 +327,8 @@ class _Ctx:
         self.problems: list[str] = []
 
     def where(self, key: str) -> str:
-        if key in self.override_keys:
+        # A problem inside a value given by --set (e.g. --set 'synthesize.counts={a: -1}') is the --set's.
+        if any(key == k or key.startswith((k + ".", k + "[")) for k in self.override_keys):
             return f"--set {key}"
         return f"{self.source}: {key}"
 
@@ -363,7 +371,7 @@ def _convert(value, tp, f: dataclasses.Field | None, key: str, ctx: _Ctx) -> tup
     if value is None:
         if optional:
             return None, True
-        ctx.add(key, f"must not be null; give a {_type_name(tp)}")
+        ctx.add(key, f"must not be null; give {_a(_type_name(tp))}")
         return None, False
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -413,7 +421,7 @@ def _convert(value, tp, f: dataclasses.Field | None, key: str, ctx: _Ctx) -> tup
     elif tp is str:
         good = isinstance(value, str)
     if not good:
-        ctx.add(key, f"{_fmt(value)} is not a {_type_name(tp)}; give a {_type_name(tp)}")
+        ctx.add(key, f"{_fmt(value)} is not {_a(_type_name(tp))}; give {_a(_type_name(tp))}")
         return None, False
     if f is not None:
         meta = f.metadata

@@ -1,0 +1,306 @@
+"""Loading the base text-to-image model, the same way for every kind of ``model.base``.
+
+``model.base`` is one of
+- a Hugging Face id (``PixArt-alpha/PixArt-XL-2-512x512``): downloaded into the Hugging Face cache,
+  or, with ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``, taken from that cache only;
+- a local directory in diffusers layout (model_index.json, transformer/, text_encoder/, tokenizer/,
+  vae/, scheduler/), e.g. made with ``hf download ... --local-dir DIR``;
+- ``tiny``: built in code into the workspace by :mod:`medsynth.models.tiny`, then loaded like a
+  local directory.
+
+Every component goes through ``from_pretrained(base, subfolder=..., revision=model.revision,
+local_files_only=...)``, so the tiny base exercises the exact code path of a real model.
+:func:`check_base` runs before any work and turns "weights not there" into a :class:`UserError`
+naming the id or path, the expected layout and how to get the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+PARTS = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
+LAYOUT = "model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/"
+DEFAULT_BASE = "PixArt-alpha/PixArt-XL-2-512x512"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_TRUE = {"1", "true", "yes", "on"}
+
+# What a sub-folder must hold to be loadable: (config file, weight-file patterns); None = no weights.
+_NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
+    "transformer": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "vae": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "text_encoder": (("config.json",), ("model*.safetensors", "pytorch_model*.bin")),
+    "tokenizer": (("tokenizer.json", "spiece.model"), None),
+    "scheduler": (("scheduler_config.json",), None),
+}
+
+
+# ----------------------------------------------------------------------------- small resolvers
+
+
+def resolve_device(spec: str):
+    """'auto' -> cuda if available, else mps if available, else cpu; anything else as torch.device."""
+    import torch
+
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UserError(f"device {spec!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {spec!r} was asked for but this torch build sees no CUDA GPU; use --set model.device=cpu (or 'auto')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible; pick an index below that")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device {spec!r} was asked for but MPS is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(name: str):
+    """'bf16' | 'fp16' | 'fp32' -> torch dtype."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return table[name]
+    except KeyError:
+        raise UserError(f"dtype {name!r} is not one of bf16, fp16, fp32") from None
+
+
+def is_offline() -> bool:
+    """True when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _is_local(base: str) -> bool:
+    """A local directory (existing or clearly meant as a path) rather than a Hugging Face id."""
+    p = Path(base).expanduser()
+    return p.exists() or base.startswith(("/", ".", "~")) or "\\" in base or not _HF_ID.match(base)
+
+
+def resolve_base(recipe) -> str:
+    """The id or local directory to load from; ``tiny`` is built (once, cached) and its directory returned."""
+    base = (recipe.model.base or "").strip()
+    if not base:
+        raise UserError(f"model.base is empty; give a Hugging Face id (e.g. {DEFAULT_BASE}), a local diffusers directory, or 'tiny'")
+    if base == "tiny":
+        from .tiny import ensure_tiny_base
+
+        return str(ensure_tiny_base(recipe).resolve())
+    if _is_local(base):
+        return str(Path(base).expanduser().resolve())
+    return base
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _how_to_get(base: str) -> str:
+    hub_id = base if not _is_local(base) else DEFAULT_BASE
+    return (f"Get the weights on a machine with internet: `hf download {hub_id} --local-dir DIR` "
+            f"(older huggingface_hub: `huggingface-cli download {hub_id} --local-dir DIR`), copy DIR here "
+            "and pass --set model.base=DIR; "
+            + ("or let medsynth download it by unsetting HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE; " if is_offline() else "")
+            + "or use --set model.base=tiny for the small offline model built from your data.")
+
+
+def missing_parts(root: Path, parts=PARTS) -> list[str]:
+    """What a diffusers directory lacks for ``parts`` ('transformer/config.json', ...); empty = complete."""
+    missing = []
+    if not (root / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for part in parts:
+        cfgs, weights = _NEEDS[part]
+        sub = root / part
+        if not sub.is_dir():
+            missing.append(f"{part}/")
+            continue
+        if not any((sub / c).is_file() for c in cfgs):
+            missing.append(f"{part}/{' or '.join(cfgs)}")
+        if weights and not any(any(sub.glob(w)) for w in weights):
+            missing.append(f"{part}/{weights[0]}")
+    return missing
+
+
+def _layout_error(what: str, missing: list[str], base: str) -> UserError:
+    return UserError(
+        f"model.base: {what} cannot be loaded: missing {', '.join(missing)}. "
+        f"A PixArt-alpha base in diffusers layout holds {LAYOUT} (each with its config and weights). "
+        + _how_to_get(base))
+
+
+def check_base(recipe, parts=PARTS) -> None:
+    """Fail fast, before any work, when ``model.base`` (the listed parts) cannot be loaded."""
+    base = resolve_base(recipe)
+    parts = tuple(parts)
+    if recipe.model.base.strip() == "tiny" or _is_local(base):
+        root = Path(base)
+        if not root.is_dir():
+            raise UserError(f"model.base: {root} is not a directory. Give a local diffusers directory ({LAYOUT}), "
+                            "a Hugging Face id, or 'tiny'. " + _how_to_get(recipe.model.base))
+        missing = missing_parts(root, parts)
+        if missing:
+            raise _layout_error(str(root), missing, recipe.model.base)
+        return
+    _check_hub(base, recipe.model.revision, parts)
+
+
+def _check_hub(repo_id: str, revision: str | None, parts) -> None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    rev = f" (revision {revision})" if revision else ""
+    if is_offline():
+        # huggingface_hub answers a cache miss in offline mode with LocalEntryNotFoundError
+        # ("Cannot find the requested files in the disk cache and outgoing traffic has been disabled").
+        try:
+            snap = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+            raise UserError(
+                f"model.base: '{repo_id}'{rev} is not in the Hugging Face cache and downloads are disabled "
+                f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set); there is no local directory of that name either. "
+                f"It needs {LAYOUT}. " + _how_to_get(repo_id)) from None
+        missing = missing_parts(Path(snap), parts)
+        if missing:
+            raise _layout_error(f"'{repo_id}'{rev} (cached at {snap})", missing, repo_id)
+        return
+    try:
+        from huggingface_hub import HfApi
+
+        files = set(HfApi().list_repo_files(repo_id, revision=revision))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        kind = "is gated: accept its licence on huggingface.co and log in (`hf auth login`)" if isinstance(e, GatedRepoError) \
+            else "does not exist on the Hugging Face Hub (or is private: log in with `hf auth login`)"
+        raise UserError(f"model.base: '{repo_id}' {kind}. Check the id, or give a local diffusers directory ({LAYOUT}) or 'tiny'.") from None
+    except RevisionNotFoundError:
+        raise UserError(f"model.revision: '{revision}' is not a branch, tag or commit of '{repo_id}'; fix or remove model.revision") from None
+    except Exception as e:  # HfHubHTTPError, OSError, and httpx transport errors (ConnectError) alike
+        raise UserError(f"model.base: cannot reach the Hugging Face Hub to look up '{repo_id}' ({e.__class__.__name__}: {str(e)[:200]}). "
+                        "If this machine is offline, set HF_HUB_OFFLINE=1 to use the local cache, or: " + _how_to_get(repo_id)) from None
+    missing = []
+    if "model_index.json" not in files:
+        missing.append("model_index.json")
+    for part in parts:
+        if not any(f.startswith(part + "/") for f in files):
+            missing.append(f"{part}/")
+    if missing:
+        raise _layout_error(f"'{repo_id}'{rev} on the Hub", missing, repo_id)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Components:
+    """Loaded parts of the base; a part that was not asked for is None. ``base`` = resolved id or dir."""
+
+    transformer: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    vae: Any = None
+    scheduler: Any = None
+    base: str = ""
+
+
+def _load_kwargs(recipe, base: str, subfolder: str) -> dict:
+    return {"subfolder": subfolder, "revision": recipe.model.revision,
+            "local_files_only": is_offline() or _is_local(base)}
+
+
+def _wrap(base: str, part: str, e: Exception) -> UserError:
+    return UserError(f"model.base: loading {part}/ of {base} failed ({e.__class__.__name__}: {str(e)[:400]}). "
+                     f"The directory or repo must hold a PixArt-alpha pipeline in diffusers layout ({LAYOUT}). "
+                     + _how_to_get(base))
+
+
+def load_tokenizer(recipe):
+    """The base model's T5 tokenizer. For ``tiny`` it is built alone (no VAE fit) and loaded from disk."""
+    from transformers import AutoTokenizer
+
+    if recipe.model.base.strip() == "tiny":
+        from .tiny import tokenizer_dir
+
+        base = str(tokenizer_dir(recipe).resolve())
+    else:
+        base = resolve_base(recipe)
+        check_base(recipe, parts=("tokenizer",))
+    try:
+        tok = AutoTokenizer.from_pretrained(base, **_load_kwargs(recipe, base, "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise _wrap(base, "tokenizer", e) from None
+    return tok
+
+
+def load_components(recipe, parts=PARTS, device=None, dtype=None) -> Components:
+    """Load the asked-for parts with ``from_pretrained``; models go to ``device`` in ``dtype``, in eval mode.
+
+    ``device``/``dtype`` default to ``model.device``/``model.dtype``; both accept strings too.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {PARTS}")
+    device = resolve_device(recipe.model.device) if device is None else (
+        device if isinstance(device, torch.device) else resolve_device(str(device)))
+    dtype = resolve_dtype(recipe.model.dtype if dtype is None else dtype)
+    base = resolve_base(recipe)
+    check_base(recipe, parts=parts)
+
+    out = Components(base=base)
+    for part in parts:
+        kw = _load_kwargs(recipe, base, part)
+        try:
+            if part == "transformer":
+                m = PixArtTransformer2DModel.from_pretrained(base, torch_dtype=dtype, **kw)
+            elif part == "vae":
+                m = AutoencoderKL.from_pretrained(base, torch_dtype=dtype, **kw)
+            elif part == "text_encoder":
+                m = T5EncoderModel.from_pretrained(base, dtype=dtype, **kw)
+            elif part == "tokenizer":
+                m = AutoTokenizer.from_pretrained(base, **kw)
+            else:
+                m = DPMSolverMultistepScheduler.from_pretrained(base, **kw)
+        except (OSError, ValueError) as e:
+            raise _wrap(base, part, e) from None
+        if isinstance(m, torch.nn.Module):
+            m = m.to(device).eval()
+        setattr(out, part, m)
+    return out
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int, device, *, preprocess: bool = True):
+    """T5 embeddings as PixArtAlphaPipeline makes them: padded to ``max_length``, truncated, with EOS.
+
+    With ``preprocess`` (default) each prompt is lower-cased and stripped first, as
+    ``PixArtAlphaPipeline.encode_prompt`` does (without the optional bs4/ftfy caption cleaning) and
+    as PixArt-alpha's training text pipeline did; T5's vocabulary is case-sensitive, so skipping
+    this would feed the model text unlike what it was trained on.
+    Returns ``(prompt_embeds [B, L, D], attention_mask [B, L])`` on ``device``. Gradients flow when
+    the caller has them enabled (the text encoder may carry LoRA weights being trained).
+    """
+    texts = [p.lower().strip() if preprocess else p for p in prompts]
+    enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="pt")
+    ids = enc.input_ids.to(device)
+    mask = enc.attention_mask.to(device)
+    embeds = text_encoder(ids, attention_mask=mask)[0]
+    return embeds, mask
