@@ -1,0 +1,81 @@
+"""Hybrid-Level Diffusion Fine-tuning (HLDF): a pixel-space colour loss on images sampled with grad.
+
+Every N optimizer steps the current batch's captions are turned into images by a differentiable
+M-step DPM-Solver++ loop (``medsynth.sampling.denoise(grad=True)``, CFG in one batch), decoded by
+the frozen VAE with grad, and compared per image and per channel with that batch's real images:
+
+    L_colour = MSE(mean_c(generated), mean_c(real)) + MSE(std_c(generated), std_c(real))
+
+averaged over images and the three channels, both images in [-1, 1]; the total loss adds
+``weight * L_colour`` (weight default 1/M, as in the paper). Only the real images' channel
+means and standard deviations enter the loss, so the trainer keeps those (6 numbers per image)
+rather than the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import sampling
+
+
+def colour_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel mean and standard deviation (B, C) of (B, C, H, W) images.
+
+    The standard deviation is the population one (divide by H*W): the loss compares two
+    distributions of pixel values, not a sample estimate.
+    """
+    x = images.float().flatten(2)
+    return x.mean(-1), x.std(-1, correction=0)
+
+
+def colour_loss(generated: torch.Tensor, real_mean: torch.Tensor, real_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE of channel means, MSE of channel stds) between generated images and real statistics."""
+    g_mean, g_std = colour_stats(generated)
+    return F.mse_loss(g_mean, real_mean.to(g_mean)), F.mse_loss(g_std, real_std.to(g_std))
+
+
+def hldf_weight(hcfg) -> float:
+    return (1.0 / hcfg.steps) if hcfg.weight is None else float(hcfg.weight)
+
+
+@dataclass
+class HldfResult:
+    loss: torch.Tensor        # weight * (color_mean + color_std), with grad
+    color_mean: torch.Tensor  # unweighted parts, for logging
+    color_std: torch.Tensor
+    images: torch.Tensor      # decoded images, detached (for debugging / benches)
+
+
+def start_latents(hcfg, scheduler_config, shape, generator: torch.Generator, device, dtype,
+                  real_latents: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Starting latents and solver start index: pure noise (paper) or noised real latents."""
+    noise = torch.randn(shape, generator=generator).to(device=device, dtype=torch.float32)
+    sched = sampling.make_scheduler(scheduler_config, hcfg.steps, device)
+    if hcfg.start == "noise" or real_latents is None:
+        return (noise * sched.init_noise_sigma).to(dtype), 0
+    # Skip the first (1 - strength) of the M solver steps and noise the real latents to that level.
+    start = min(hcfg.steps - 1, int(round(hcfg.steps * (1.0 - hcfg.start_strength))))
+    t0 = sched.timesteps[start:start + 1]
+    x = sched.add_noise(real_latents.float(), noise, t0)
+    return x.to(dtype), start
+
+
+def hldf_step(transformer, vae, scheduler_config, hcfg, embeds: torch.Tensor, mask: torch.Tensor | None,
+              neg_embeds: torch.Tensor | None, neg_mask: torch.Tensor | None, real_mean: torch.Tensor,
+              real_std: torch.Tensor, generator: torch.Generator, latent_shape: tuple[int, ...], *,
+              real_latents: torch.Tensor | None = None, checkpoint: bool = False,
+              pixel_size: tuple[int, int] | None = None) -> HldfResult:
+    """One HLDF forward: sample one image per prompt with grad, decode, colour loss vs its real image."""
+    device = embeds.device
+    dtype = embeds.dtype
+    x, start = start_latents(hcfg, scheduler_config, latent_shape, generator, device, dtype, real_latents)
+    x = sampling.denoise(transformer, scheduler_config, x, embeds, mask, neg_embeds, neg_mask,
+                         steps=hcfg.steps, guidance=hcfg.guidance, start_index=start, grad=True,
+                         grad_last_k=hcfg.grad_last_k, checkpoint=checkpoint, pixel_size=pixel_size)
+    images = sampling.decode(vae, x.float())
+    lm, ls = colour_loss(images, real_mean, real_std)
+    return HldfResult(hldf_weight(hcfg) * (lm + ls), lm.detach(), ls.detach(), images.detach())

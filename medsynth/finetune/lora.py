@@ -1,0 +1,107 @@
+"""LoRA target presets and adapter injection (peft) for the PixArt DiT and the T5 encoder.
+
+``PixArtTransformer2DModel`` has no ``add_adapter``; peft's ``inject_adapter_in_model`` adds
+the LoRA layers in place, so the model keeps its class (``.config``, gradient checkpointing,
+``save_pretrained``) and DDP wraps it like any module.
+
+DiT presets (peft matches a target against the *end* of a module name):
+
+``paper`` — the list of the official Med-Art / PixArt LoRA training script:
+``to_k to_q to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 proj linear linear_1 linear_2``.
+In ``PixArtTransformer2DModel`` that hits
+  - every attention projection (self- and cross-attention: ``attn1/attn2.to_q/to_k/to_v/to_out.0``),
+  - the feed-forward layers ``ff.net.0.proj`` and ``ff.net.2``,
+  - the patch embedder ``pos_embed.proj`` (a Conv2d; "proj"),
+  - adaLN-single: ``adaln_single.linear`` ("linear") and the timestep MLP
+    ``adaln_single.emb.timestep_embedder.linear_1/linear_2``,
+  - the caption projection ``caption_projection.linear_1/linear_2``,
+  - the output projection ``proj_out``.
+``proj_in`` matches nothing in PixArt (kept for parity with the official list).
+
+``attn_ff`` — attention projections and feed-forward layers only, as the paper's text says.
+
+T5 presets: ``full`` = ``q k v o wi_0 wi_1 wo`` (T5 v1.1, which PixArt uses, has a gated FFN
+with ``wi_0``/``wi_1``); ``paper_parity`` = ``q k v o wi wo``, the official list, whose ``wi``
+matches no module of T5 v1.1, so the FFN input projections stay frozen there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DIT_TARGETS: dict[str, list[str]] = {
+    "paper": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+              "proj", "linear", "linear_1", "linear_2"],
+    "attn_ff": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
+}
+
+T5_TARGETS: dict[str, list[str]] = {
+    "full": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "paper_parity": ["q", "k", "v", "o", "wi", "wo"],
+}
+
+
+def matched_modules(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Names of the Linear/Conv2d modules that peft's suffix matching hits (for docs and tests)."""
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if any(name == t or name.endswith("." + t) for t in targets):
+            out.append(name)
+    return out
+
+
+def lora_config(lcfg, targets: list[str]):
+    """peft LoraConfig from ``recipe.finetune.lora`` and a target list."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lcfg.rank,
+        lora_alpha=lcfg.alpha,
+        lora_dropout=lcfg.dropout,
+        init_lora_weights="gaussian" if lcfg.init == "gaussian" else True,
+        use_dora=lcfg.dora,
+        target_modules=list(targets),
+    )
+
+
+def add_lora(model: torch.nn.Module, lcfg, targets: list[str], what: str):
+    """Freeze ``model`` and inject LoRA layers (trainable, fp32 masters). Returns the LoraConfig."""
+    from peft import inject_adapter_in_model
+
+    from ..errors import UserError
+
+    hits = matched_modules(model, targets)
+    if not hits:
+        raise UserError(f"LoRA targets {targets} match no layer of the {what}; check finetune.lora settings "
+                        f"for this base model")
+    cfg = lora_config(lcfg, targets)
+    model.requires_grad_(False)
+    inject_adapter_in_model(cfg, model)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+            # Adapter master weights stay fp32 even when the base is bf16/fp16 (the official code
+            # kept them in bf16, where small updates round away).
+            p.data = p.data.float()
+    return cfg
+
+
+def expected_lora_params(model: torch.nn.Module, targets: list[str], rank: int, dora: bool = False) -> int:
+    """LoRA parameter count from the shapes of the matched layers (independent of peft)."""
+    n = 0
+    for name in matched_modules(model, targets):
+        mod = model.get_submodule(name)
+        if isinstance(mod, torch.nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            n += rank * mod.in_channels * k + mod.out_channels * rank
+        else:
+            n += rank * mod.in_features + mod.out_features * rank
+        if dora:
+            n += mod.out_channels if isinstance(mod, torch.nn.Conv2d) else mod.out_features
+    return n
+
+
+def trainable_parameters(*models) -> list[torch.nn.Parameter]:
+    return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
