@@ -226,13 +226,14 @@ def run(recipe: Recipe, train_on: str | None = None) -> Path:
         raise UserError(f"no training images for classify --{train_on}-only in {wd}")
     inputs["manifest.csv"] = sha256_file(wd / "manifest.csv")
     device = resolve_device(c.device, "classify.device")
-    out_dir = ensure_dir(wd / "classify" / train_on)
     config = {"classify": to_dict(c), "train_on": train_on, "seed": recipe.seed, "classes": names}
     fp = sha256_json({"config": config, "inputs": inputs})
 
     torch.manual_seed(recipe.seed)
     model = create_timm_model(c.model, pretrained=c.pretrained, pretrained_path=c.pretrained_path,
                               num_classes=len(names), key="classify", image_size=c.image_size).to(device)
+    # Only now, with the weights found, does the stage touch the workspace: missing weights leave nothing behind.
+    out_dir = ensure_dir(wd / "classify" / train_on)
     mean, std = timm_norm(model)
     train_ds = _Images(items, _train_transform(c.image_size, mean, std))
     test_ds = _Images([("real", r.path, names.index(r.label)) for r in test_rows], eval_transform(c.image_size, mean, std))

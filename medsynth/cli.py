@@ -97,6 +97,27 @@ def prepare(recipe: RecipeArg = None, set_: SetOpt = None, json_: JsonOpt = Fals
     _emit(as_json, {"stage": "prepare", "workdir": str(r.workdir_path), **s}, str(manifest))
 
 
+@app.command("run")
+def run_all(
+    recipe: RecipeArg = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="start at this stage (prepare, caption, finetune, synthesize, classify, score)", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="run just this stage", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="re-run stages even when nothing changed")] = False,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Run every stage in order; a stage whose inputs and settings are unchanged is skipped."""
+    overrides, as_json = _common(set_, json_, quiet)
+    r = _load(recipe, overrides)
+    from . import pipeline
+    from .recipe import remember_recipe
+
+    remember_recipe(r)
+    results = pipeline.run(r, from_stage=from_, only=only, force=force)
+    out = {"stage": "run", "workdir": str(r.workdir_path),
+           "stages": {x.stage: {"status": x.status, "seconds": round(x.seconds, 2), "output": x.output} for x in results}}
+    _emit(as_json, out, "\n".join(f"{x.stage:11s} {x.status:8s} {x.seconds:7.1f} s  {x.output}" for x in results))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="workspace for the demo (toy data, models, outputs)")] = Path("medsynth-demo"),
@@ -108,6 +129,115 @@ def demo(
 
     result = demo_mod.run(out, overrides)
     _emit(as_json, result, result.get("summary"))
+
+
+@app.command()
+def classify(
+    recipe: RecipeArg = None,
+    synthetic_only: Annotated[bool, typer.Option("--synthetic-only", help="train on the synthetic shards only (classify.train_on=synthetic)")] = False,
+    real_only: Annotated[bool, typer.Option("--real-only", help="train on the real train split only (classify.train_on=real)")] = False,
+    mixed: Annotated[bool, typer.Option("--mixed", help="train on synthetic + real train images (classify.train_on=mixed)")] = False,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Train a timm classifier on synthetic / real / mixed images; evaluate on the real test split."""
+    chosen = [n for n, on in (("synthetic", synthetic_only), ("real", real_only), ("mixed", mixed)) if on]
+    if len(chosen) > 1:
+        raise typer.BadParameter("give at most one of --synthetic-only, --real-only, --mixed")
+    overrides, as_json = _common(set_, json_, quiet)
+    if chosen:
+        overrides = overrides + [f"classify.train_on={chosen[0]}"]
+    r = _load(recipe, overrides)
+    from . import classify as classify_mod
+    from .recipe import remember_recipe
+
+    path = classify_mod.run(r)
+    remember_recipe(r)
+    m = json.loads(path.read_text())
+    _emit(as_json, {"stage": "classify", "workdir": str(r.workdir_path), "metrics": str(path),
+                    **{k: m.get(k) for k in ("train_on", "f1_macro", "balanced_accuracy", "auc_macro_ovr", "accuracy",
+                                             "n_train", "n_test")}}, str(path))
+
+
+@app.command()
+def score(recipe: RecipeArg = None, set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False):
+    """FID / KID / domain FID, colour fidelity and memorization of the synthetic set vs the real images."""
+    overrides, as_json = _common(set_, json_, quiet)
+    r = _load(recipe, overrides)
+    from . import score as score_mod
+    from .recipe import remember_recipe
+
+    path = score_mod.run(r)
+    remember_recipe(r)
+    s = json.loads(path.read_text())
+    _emit(as_json, {"stage": "score", "workdir": str(r.workdir_path), "scores": str(path),
+                    **{k: s.get(k) for k in ("fid", "kid_mean", "kid_std", "domain_fid", "memorization_fraction",
+                                             "n_real", "n_synthetic")}}, str(path))
+
+
+@app.command()
+def synthesize(
+    recipe: RecipeArg = None,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", help="images per class; overrides the recipe's balance rule (per_class, counts, match_real, topup)", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="output directory (default: <workdir>/synthetic)", show_default=False)] = None,
+    lora: Annotated[Optional[Path], typer.Option("--lora", help="finetune output to apply (default: <workdir>/finetune/final)", show_default=False)] = None,
+    base_only: Annotated[bool, typer.Option("--base-only", help="sample the base model on purpose, without fine-tuned weights")] = False,
+    format_: Annotated[Optional[str], typer.Option("--format", help="webdataset (shards) or imagefolder (one folder per class); default: synthesize.format", show_default=False)] = None,
+    worker: Annotated[Optional[str], typer.Option("--worker", help="I/N: generate the I-th (0-based) of N shares of the shards, for independent jobs (Slurm array, several machines)", show_default=False)] = None,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Generate a class-balanced synthetic data set (WebDataset shards + index.json); resumable, deterministic."""
+    overrides, as_json = _common(set_, json_, quiet)
+    r = _load(recipe, overrides)
+    from . import synthesize as synth_mod
+    from .recipe import remember_recipe
+
+    out_dir = synth_mod.run(r, per_class=per_class, out=out, lora=lora, base_only=base_only, fmt=format_, worker=worker)
+    remember_recipe(r)
+    s = synth_mod.summary(out_dir)
+    _emit(as_json, {"stage": "synthesize", "workdir": str(r.workdir_path), **s}, str(out_dir))
+
+
+@app.command()
+def caption(
+    recipe: RecipeArg = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="vlm | simple | empty | file | stats (overrides caption.source)", show_default=False)] = None,
+    all_splits: Annotated[bool, typer.Option("--all-splits", help="caption every image, not only the train split (caption.splits=all)")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="caption everything again (the old captions.jsonl is kept in caption/previous/)")] = False,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Describe every training image in plain visual language (VLM, template, file or image statistics) -> captions.jsonl; resumable."""
+    overrides, as_json = _common(set_, json_, quiet)
+    if source is not None:
+        overrides = overrides + [f"caption.source={source}"]
+    if all_splits:
+        overrides = overrides + ["caption.splits=all"]
+    r = _load(recipe, overrides)
+    from . import caption as caption_mod
+    from .recipe import remember_recipe
+
+    out_path = caption_mod.run(r, fresh=fresh)
+    remember_recipe(r)
+    s = caption_mod.summary(out_path)
+    _emit(as_json, {"stage": "caption", "workdir": str(r.workdir_path), **s}, str(out_path))
+
+
+@app.command()
+def finetune(
+    recipe: RecipeArg = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in <workdir>/finetune/checkpoints (adapters, optimizer, LR schedule, RNG, data position)")] = False,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps in total (overrides finetune.max_steps / epochs)", show_default=False)] = None,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """LoRA fine-tune PixArt-alpha (DiT + T5) with the HLDF colour loss -> <workdir>/finetune/final; resumable, multi-GPU via `accelerate launch`."""
+    overrides, as_json = _common(set_, json_, quiet)
+    r = _load(recipe, overrides)
+    from . import finetune as finetune_mod
+    from .recipe import remember_recipe
+
+    out_dir = finetune_mod.run(r, resume=resume, max_steps=max_steps)
+    remember_recipe(r)
+    s = finetune_mod.summary(out_dir)
+    _emit(as_json, {"stage": "finetune", "workdir": str(r.workdir_path), **s}, str(out_dir / "final"))
 
 
 # ----------------------------------------------------------------------------- recipes

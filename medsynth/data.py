@@ -164,8 +164,10 @@ def _inspect(path: Path) -> tuple[Path, str | None, str, int, int]:
 
 
 def _split_class(n: int, test_fraction: float) -> int:
-    """Number of test images for a class of n (at least 1, leaving at least 1 for training)."""
-    return min(max(1, round(n * test_fraction)), n - 1)
+    """Number of test images for a class of n (n >= 2): at least 1, and at most as many as train images."""
+    # At least one test image, and never more test than train images (n // 2 caps the rounding up
+    # of e.g. 3 * 0.5): a class's classifier metrics rest on its test images, its synthesis on its train ones.
+    return min(max(1, round(n * test_fraction)), n // 2)
 
 
 def run(recipe: Recipe) -> Path:

@@ -36,9 +36,9 @@ CLASS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 def F(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, choices=None,
-      min=None, max=None, gt=None, lt=None):
-    """A schema field: default, one-line help, and optional choices / bounds."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt}
+      min=None, max=None, gt=None, lt=None, why=None):
+    """A schema field: default, one-line help, optional choices / bounds, and why the bounds are what they are."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "gt": gt, "lt": lt, "why": why}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,7 +64,8 @@ class ClassSpec:
 class DataConfig:
     root: str | None = F(None, help="image folder with one sub-folder per class (or null when data.manifest is given)")
     manifest: str | None = F(None, help="CSV with columns path,label[,split] instead of a class-folder tree; paths relative to the CSV")
-    test_fraction: float = F(0.2, help="fraction of each class held out as the real test split", gt=0.0, lt=1.0)
+    test_fraction: float = F(0.2, help="fraction of each class held out as the real test split", gt=0.0, max=0.5,
+                             why="more would hold out more test than train images (the paper holds out 0.2)")
     on_bad_image: str = F("error", help="an image that does not decode: 'error' lists them all and stops, 'skip' leaves them out and records them", choices=["error", "skip"])
     extensions: list[str] = F(factory=lambda: [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm"],
                               help="file endings (case-insensitive) taken as images when scanning data.root")
@@ -439,7 +440,8 @@ def _convert(value, tp, f: dataclasses.Field | None, key: str, ctx: _Ctx) -> tup
         ):
             b = meta.get(bound)
             if b is not None and isinstance(value, (int, float)) and not test(value, b):
-                ctx.add(key, f"{_fmt(value)} is out of range; it must be {words} {b}")
+                why = f"; {meta['why']}" if meta.get("why") else ""
+                ctx.add(key, f"{_fmt(value)} is out of range; it must be {words} {b}{why}")
                 return None, False
     return value, True
 

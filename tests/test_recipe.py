@@ -132,7 +132,7 @@ def test_every_problem_reported_at_once(tmp_path):
     assert text.startswith(f"{p}: 9 problems")
     expect = [
         ("sed", "did you mean 'seed'"),
-        ("data.test_fraction", "1.5 is out of range; it must be less than 1.0"),
+        ("data.test_fraction", "1.5 is out of range; it must be at most 0.5"),
         ("finetune.epochs", "'10' is not an integer"),
         ("finetune.max_steps", "true is not an integer"),
         ("finetune.lora.rank", "0 is out of range; it must be at least 1"),

@@ -72,7 +72,8 @@ class Appender:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self._fh = open(path, "ab")
+            # Unbuffered: a failed write must not leave bytes in a buffer that close() would flush later.
+            self._fh = open(path, "ab", buffering=0)
         except OSError as e:
             raise UserError(f"cannot write {path}: {e.strerror}; check permissions or choose another workdir") from None
 
@@ -80,9 +81,21 @@ class Appender:
         if not records:
             return
         blob = "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in records).encode("utf-8")
-        self._fh.write(blob)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        start = os.fstat(self._fh.fileno()).st_size
+        try:
+            view = memoryview(blob)
+            while view:  # a raw write may take only part of the bytes
+                view = view[self._fh.write(view):]
+            os.fsync(self._fh.fileno())
+        except OSError as e:
+            # Disk full (or gone) mid-append: cut the partial batch off so the file holds whole
+            # records only, then stop with a message; the captions before it are kept.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fh.fileno(), start)
+            fix = "free some space or choose another workdir" if e.errno == 28 else \
+                "check the disk and its permissions, or choose another workdir"
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}; {fix}. The captions written so far are "
+                            "kept: run `medsynth caption` again to continue") from None
 
     def close(self) -> None:
         self._fh.close()

@@ -22,6 +22,7 @@ downloaded model. The key hashes everything the build depends on, so a second re
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -32,7 +33,9 @@ from pathlib import Path
 from .. import console
 from ..errors import UserError
 from ..recipe import CAPTION_PROMPT, to_dict
-from ..workspace import atomic_write_json, ensure_dir, sha256_json
+from ..workspace import _os_error, atomic_write_json, ensure_dir, sha256_json
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # Bump when the build changes in a way that makes old cached bases wrong.
 TINY_FORMAT = 1
@@ -464,6 +467,11 @@ def _building(final: Path):
             if not final.is_dir():  # a concurrent build may have won the race; its result is the same
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:  # a full disk or a read-only workdir: the user's to fix, no traceback
+            raise _os_error(final, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
