@@ -123,7 +123,7 @@ def _outputs_complete(recipe: Recipe, stage: str) -> bool:
     return True
 
 
-def _run_stage(recipe: Recipe, stage: str) -> Path:
+def _run_stage(recipe: Recipe, stage: str, resumable: bool = False) -> Path:
     if stage == "prepare":
         from . import data
 
@@ -135,10 +135,12 @@ def _run_stage(recipe: Recipe, stage: str) -> Path:
     if stage == "finetune":
         from . import finetune
 
+        # Resume only an interrupted run of exactly this stage key: checkpoints of a run with
+        # other settings or other captions must not be continued.
         ckpts = recipe.workdir_path / "finetune" / "checkpoints"
-        resume = ckpts.is_dir() and any(ckpts.iterdir())
+        resume = resumable and ckpts.is_dir() and any(ckpts.iterdir())
         if resume:
-            console.info("finetune: resuming from the last checkpoint")
+            console.info("finetune: resuming the interrupted run from its last checkpoint")
         return finetune.run(recipe, resume=resume)
     if stage == "synthesize":
         from . import synthesize
@@ -188,7 +190,11 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
             res = StageResult(stage, "skipped", 0.0, str(wd))
         else:
             console.info(f"== {stage}")
-            out = _run_stage(recipe, stage)
+            resumable = done.get(f"{stage}:started") == key
+            done[f"{stage}:started"] = key
+            done.pop(stage, None)
+            atomic_write_json(state_path, done)
+            out = _run_stage(recipe, stage, resumable=resumable)
             done[stage] = key
             atomic_write_json(state_path, done)
             res = StageResult(stage, "ran", time.perf_counter() - t0, str(out))
