@@ -157,3 +157,17 @@ def read_image(path: str | Path) -> Image.Image:
             raise BadImage(f"cannot be read ({e.strerror})") from None
         msg = str(e) or type(e).__name__
         raise BadImage(f"cannot be decoded ({msg})") from None
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side resized to ``resolution`` (bicubic), then the centre square cut out.
+
+    The one geometry every generative stage uses (tiny VAE fit, fine-tuning), so the model
+    sees training images exactly as the autoencoder was fitted on them.
+    """
+    w, h = img.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))

@@ -45,17 +45,9 @@ RESUME_KEYS = ("adapter", "lora", "batch_size", "gradient_accumulation_steps", "
 
 def _load_pixels(path: str, resolution: int) -> torch.Tensor:
     """Image -> (3, R, R) float in [-1, 1]: shorter side resized to R (bicubic), centre crop."""
-    from PIL import Image
+    from ..images import read_image, resize_center_crop
 
-    from ..images import read_image
-
-    img = read_image(path)
-    w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    img = resize_center_crop(read_image(path), resolution)
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return arr / 127.5 - 1.0
 

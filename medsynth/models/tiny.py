@@ -311,19 +311,11 @@ def load_images(paths, resolution: int):
     """(N, 3, R, R) float in [-1, 1]: shorter side resized to R (bicubic), centre crop (as finetune)."""
     import numpy as np
     import torch
-    from PIL import Image
-
-    from ..images import read_image
+    from ..images import read_image, resize_center_crop
 
     out = []
     for p in paths:
-        img = read_image(p)
-        w, h = img.size
-        s = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
+        img = resize_center_crop(read_image(p), resolution)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
     return torch.stack(out).float() / 127.5 - 1.0
 
