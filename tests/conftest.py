@@ -45,3 +45,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+# Tiny models on a shared 2-core CPU: one thread avoids OpenMP spin-waiting at thread barriers,
+# which made them 5-10x slower under load. ONE_THREAD is for CLI subprocesses.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` in a test module."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ONE_THREAD
 import yaml
 
 from medsynth.caption import run as caption_run
@@ -27,18 +28,9 @@ from medsynth.models.loading import load_tokenizer
 from tiny_vlm import build_tiny_llava_next, build_tiny_t5_simplifier
 
 CLASSES = ("melanocytic-nevus", "melanoma", "vascular-lesion")
-# Tiny models on a shared CPU: one thread avoids OpenMP spin-waiting that makes them 5-10x slower.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

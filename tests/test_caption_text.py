@@ -15,15 +15,7 @@ from medsynth.recipe import build_recipe
 from tiny_vlm import build_t5_like_tokenizer, build_tiny_t5_simplifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared CPU: one thread avoids OpenMP spin-waiting that makes them 5-10x slower.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

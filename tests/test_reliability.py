@@ -60,14 +60,7 @@ TINY = ["model.resolution=32", "model.tiny.vae_fit_steps=0", "model.tiny.layers=
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the machine is shared
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sets(*pairs: str) -> list[str]:

@@ -7,23 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ONE_THREAD
 
 from medsynth.errors import UserError
 
 CLASSES = ("dermatofibroma", "melanoma", "vascular-lesion")
-# Torch's default of one thread per core is slow on an oversubscribed shared CI box (threads
-# spin-wait for each other); these tiny models run faster on one.
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_workspace(root: Path, shared: Path, n_real: int, n_synth: int, size: int = 48,
