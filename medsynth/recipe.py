@@ -85,6 +85,8 @@ class TinyConfig:
     vae_fit_steps: int = F(600, help="optimizer steps fitting the tiny VAE to the training images (cached per data set)", min=0)
     vae_fit_batch: int = F(16, help="batch size when fitting the tiny VAE", min=1)
     vae_fit_crop: int = F(32, help="square random crop (pixels) the tiny VAE is fitted on, 0 = whole images; crops make the fit ~4x cheaper", min=0)
+    prediction_type: str = F("v_prediction", help="what the tiny DiT learns to predict: 'v_prediction' (default; a small model trained from scratch "
+                             "learns image content and class conditioning far faster) or 'epsilon' (as PixArt-alpha itself)", choices=["v_prediction", "epsilon"])
 
 
 @dataclass

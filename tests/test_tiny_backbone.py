@@ -90,6 +90,21 @@ def test_layout_and_architecture(built, comps):
     sc = comps.scheduler.config
     assert type(comps.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert (sc.algorithm_type, sc.beta_schedule, sc.num_train_timesteps, sc.solver_order) == ("dpmsolver++", "linear", 1000, 2)
+    assert sc.prediction_type == r.model.tiny.prediction_type == "v_prediction"
+
+
+def test_transformer_starts_as_pixart_trains_from_scratch(comps, built):
+    # Text pathway and output start at zero (PixArt-alpha's init), the rest is random.
+    _, base = built
+    from diffusers import PixArtTransformer2DModel
+
+    fresh = PixArtTransformer2DModel.from_pretrained(str(base / "transformer"))  # weights as saved by the build
+    for block in fresh.transformer_blocks:
+        assert not block.attn2.to_out[0].weight.any() and not block.attn2.to_out[0].bias.any()
+        assert block.attn1.to_q.weight.std() > 0
+    assert not fresh.proj_out.weight.any()
+    w = fresh.caption_projection.linear_1.weight.detach()
+    assert abs(float(w.std()) - 0.02) < 0.005
 
 
 def test_one_denoising_step(built, comps):
