@@ -39,14 +39,14 @@ VARIANTS = {
 
 
 def prepared_demo(work: Path):
-    """The demo recipe on the toy data in ``work``: prepared, captioned 'simple', tiny base built."""
+    """The demo recipe (simple captions) on the toy data in ``work``: prepared, tiny base built."""
     from medsynth import console, data, demo_data
     from medsynth.models import loading
     from medsynth.recipe import load_recipe
 
     console.set_quiet(True)
     root = demo_data.generate(work / "data")
-    r = load_recipe("demo", [f"data.root={root}", f"workdir={work / 'work'}", "caption.source=simple"])
+    r = load_recipe("demo", [f"data.root={root}", f"workdir={work / 'work'}"])
     data.run(r)
     loading.resolve_base(r)
     return r
@@ -77,8 +77,7 @@ def train(comps, sched_cfg: dict, pixart: bool, z_params, embeds, masks, steps: 
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (8,), generator=g)
         pred = sampling.predict_noise(dit, ts.add_noise(z0, noise, t), t, embeds[j], masks[j])
-        target = ts.get_velocity(z0, noise, t) if sched_cfg["prediction_type"] == "v_prediction" else noise
-        loss = F.mse_loss(pred, target)
+        loss = F.mse_loss(pred, sampling.training_target(ts, z0, noise, t))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
@@ -102,8 +101,7 @@ def diffusion_classifier(dit, sched_cfg, comps, z_test, y_test, prompts, max_len
             for t, nz in pairs:
                 tt = torch.full((len(z_test),), t)
                 out = sampling.predict_noise(dit, ts.add_noise(z_test, nz, tt), tt, e, m)
-                target = ts.get_velocity(z_test, nz, tt) if sched_cfg["prediction_type"] == "v_prediction" else nz
-                err[:, c] += (out - target).pow(2).flatten(1).mean(1)
+                err[:, c] += (out - sampling.training_target(ts, z_test, nz, tt)).pow(2).flatten(1).mean(1)
     return float((err.argmin(1) == y_test).float().mean())
 
 
@@ -143,8 +141,9 @@ def main() -> int:
 
     r = prepared_demo(Path(args.work))
     comps = loading.load_components(r, device="cpu", dtype="fp32")
-    names = [c["name"] for c in read_classes(r.workdir_path)]
-    prompts = [simple_caption(r.modality, c.get("category") or c["name"]) for c in read_classes(r.workdir_path)]
+    classes = read_classes(r.workdir_path)
+    names = [c["name"] for c in classes]
+    prompts = [simple_caption(r.modality, c.get("category") or c["name"]) for c in classes]
     train_rows, test_rows = read_manifest(r.workdir_path, "train"), read_manifest(r.workdir_path, "test")
     y_train = torch.tensor([names.index(x.label) for x in train_rows])
     y_test = torch.tensor([names.index(x.label) for x in test_rows])

@@ -42,7 +42,8 @@ def make_scheduler(scheduler_config, steps: int, device=None):
 
 def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, mask: torch.Tensor | None,
                   pixel_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Epsilon prediction of a PixArt transformer (the learned-sigma half of the output dropped).
+    """The PixArt transformer's prediction (epsilon, or v / x0 as the scheduler's
+    ``prediction_type`` says; see ``training_target``), the learned-sigma half of the output dropped.
 
     PixArt-alpha predicts 2*C channels (epsilon and the variance interpolation); like the
     diffusers pipeline and training scripts we use only the first C channels.
@@ -68,6 +69,22 @@ def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, m
     if out.shape[1] == 2 * c:
         out = out[:, :c]
     return out
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the DiT is trained to output for ``add_noise(latents, noise, timesteps)``.
+
+    Follows ``scheduler.config.prediction_type`` (PixArt-alpha: epsilon; the tiny base: v), the
+    same setting the diffusers samplers read, so training and sampling cannot disagree.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
 
 
 def denoise(transformer, scheduler_config, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None,

@@ -101,3 +101,29 @@ def test_generate_depends_on_seed_not_batch():
     assert one.shape == (1, 3, 32, 32) and one.abs().max() <= 1.0
     assert torch.allclose(one[0], many[1], atol=1e-5)
     assert not torch.allclose(many[0], many[1])
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_training_target_follows_the_scheduler(kind):
+    # The finetune loop's target: the same prediction_type the samplers (and HLDF) read.
+    from diffusers import DDPMScheduler
+
+    from medsynth.sampling import training_target
+
+    sched = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    got = training_target(sched, z0, noise, t)
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    want = {"epsilon": noise, "sample": z0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0}[kind]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_training_target_rejects_unknown_kind():
+    from types import SimpleNamespace
+
+    from medsynth.sampling import training_target
+
+    with pytest.raises(ValueError, match="prediction_type 'flow'"):
+        training_target(SimpleNamespace(config=SimpleNamespace(prediction_type="flow")), None, None, None)

@@ -475,10 +475,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                     emb, msk = encode(idx, drop, train_te)
                     with accelerator.autocast():
                         pred = sampling.predict_noise(transformer, zt.to(wdtype), t, emb.to(wdtype), msk, (res, res))
-                    if train_sched.config.prediction_type == "v_prediction":
-                        target = train_sched.get_velocity(z0, noise, t)
-                    else:
-                        target = noise
+                    target = sampling.training_target(train_sched, z0, noise, t)
                     loss = F.mse_loss(pred.float(), target.float())
                     accelerator.backward(loss / accum)
                     diff_sum += loss.detach().float().item() / accum
