@@ -206,6 +206,8 @@ def run(recipe: Recipe, train_on: str | None = None) -> Path:
 
     Returns the path of metrics.json.
     """
+    from .workspace import require  # a workdir that is not a workspace is refused before any write
+    require(recipe)
     import torch
     from torch.utils.data import DataLoader
 
