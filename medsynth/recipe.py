@@ -70,6 +70,8 @@ class DataConfig:
     extensions: list[str] = F(factory=lambda: [".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".dcm"],
                               help="file endings (case-insensitive) taken as images when scanning data.root")
     min_per_class: int = F(2, help="a class with fewer usable images is an error (needs at least one train and one test image)", min=2)
+    group_by: str | None = F(None, help="column holding a group id (patient, lesion, video) in data.manifest, or in groups.csv "
+                             "(path,<column>) beside a class-folder tree; no group is split between train and test")
 
 
 @dataclass
@@ -82,6 +84,9 @@ class TinyConfig:
     vocab_size: int = F(1000, help="vocabulary size of the tiny T5 tokenizer (trained offline on the class texts)", min=100)
     vae_channels: list[int] = F(factory=lambda: [16, 32, 32], help="channels per level of the tiny VAE (downsampling = 2^(levels-1): 3 levels = x4, 16x16 latents at 64 px)")
     latent_channels: int = F(4, help="latent channels of the tiny VAE", min=1)
+    autoencoder: str = F("fitted", help="autoencoder of the tiny base: 'fitted' (a small KL VAE fitted to the training images) or "
+                         "'taef2' (the pretrained TAEF2 tiny autoencoder shipped with medsynth, 32 latent channels at 1/8 size)",
+                         choices=["fitted", "taef2"])
     vae_fit_steps: int = F(600, help="optimizer steps fitting the tiny VAE to the training images (cached per data set)", min=0)
     vae_fit_batch: int = F(16, help="batch size when fitting the tiny VAE", min=1)
     vae_fit_crop: int = F(32, help="square random crop (pixels) the tiny VAE is fitted on, 0 = whole images; crops make the fit ~4x cheaper", min=0)
@@ -152,6 +157,8 @@ class HldfConfig:
     start_strength: float = F(0.6, help="with start=noised_real: fraction of the schedule to noise (1 = pure noise)", gt=0.0, max=1.0)
     grad_last_k: int | None = F(None, help="backpropagate through the last K solver steps only (null = all M), to bound memory", min=1)
     seed: int | None = F(None, help="seed of the HLDF noise generator (null = recipe seed)")
+    channel_reduction: str = F("mean", help="how the colour loss combines the 3 RGB channels: 'mean' (the official code) or 'sum' "
+                               "(the paper's Eq. 4; 3x the weight)", choices=["mean", "sum"])
 
 
 @dataclass
@@ -169,6 +176,8 @@ class FinetuneConfig:
     grad_clip: float = F(1.0, help="max gradient norm", gt=0.0)
     gradient_checkpointing: bool = F(True, help="recompute DiT and T5 activations in backward to save memory")
     caption_dropout: float = F(0.0, help="probability of replacing a caption by the empty prompt", min=0.0, max=1.0)
+    base_dropout: bool = F(False, help="keep the dropout of the frozen base modules active while training (T5 v1.1 has dropout_rate 0.1); "
+                           "false = frozen modules run in eval mode (they compute what they compute at inference) and only LoRA dropout applies")
     augment: str = F("none", help="training augmentation ('hflip' disables the latent cache)", choices=["none", "hflip"])
     cache_latents: bool = F(True, help="encode every training image with the VAE once (when augmentation allows)")
     cache_text: bool = F(True, help="encode every caption with T5 once (when T5 is frozen)")
@@ -180,6 +189,17 @@ class FinetuneConfig:
     sample_every: int = F(500, help="write a per-class sample grid every V optimizer steps", min=1)
     samples_per_class: int = F(2, help="images per class in each sample grid (fixed seeds)", min=1)
     log_every: int = F(10, help="write log.jsonl / TensorBoard every L optimizer steps", min=1)
+
+
+@dataclass
+class CurateConfig:
+    enabled: bool = F(False, help="generate more candidates than needed and keep the ones a judge classifier finds most typical of their class")
+    oversample: float = F(2.0, help="candidates generated per kept image (x the target count of each class)", min=1.0)
+    judge: str = F("real", help="judge classifier: 'real' = the workspace's real-only classifier (classify/real/, trained on the real "
+                   "train split only; trained first when missing), or the path of a medsynth classify output directory")
+    min_score: float = F(0.0, help="drop candidates whose judge probability for their intended class is below this", min=0.0, max=1.0)
+    min_distance: float = F(0.05, help="drop candidates whose cosine distance to the nearest real train image (judge features) is below "
+                            "this (near-copies); 0 disables", min=0.0, max=2.0)
 
 
 @dataclass
@@ -199,6 +219,8 @@ class SynthesizeConfig:
     jpg_quality: int = F(95, help="JPEG quality with image_format=jpg", min=1, max=100)
     shard_size: int = F(1000, help="samples per WebDataset shard", min=1)
     grid_per_class: int = F(8, help="images per class in the sample grid PNG", min=0)
+    curate: CurateConfig = F(factory=CurateConfig, help="curation of generated candidates by a judge classifier")
+    license: str | None = F(None, help="licence note for the synthetic set's dataset card (e.g. inherited from the real data: 'CC BY-NC 4.0')")
 
 
 @dataclass
@@ -223,9 +245,14 @@ class ScoreConfig:
     fid_weights: str | None = F(None, help="path of pt_inception-2015-12-05 weights (or env MEDSYNTH_FID_WEIGHTS)")
     kid_subset_size: int = F(1000, help="KID subset size (min(this, n) is used)", min=2)
     kid_subsets: int = F(100, help="number of KID subsets", min=1)
-    domain_model: str | None = F(None, help="domain feature extractor for domain FID: null = the real-only classifier of `classify --real-only`, or a timm/HF model id")
+    domain_model: str | None = F(None, help="domain feature extractor for domain FID: null = the real-only classifier of `classify --real-only`, a preset "
+                                        "('kvasir-vit', 'ham10000-vit': public ViTs fine-tuned on those data sets), or a timm/HF model id")
     domain_pretrained_path: str | None = F(None, help="local weights for score.domain_model")
     memorization_threshold: float = F(0.95, help="cosine similarity above which a synthetic image counts as a near-copy of a real training image", gt=0.0, max=1.0)
+    prdc_k: int = F(5, help="k of the k-nearest-neighbour balls for precision / recall / density / coverage", min=1)
+    dinov2_model: str | None = F("vit_base_patch14_dinov2.lvd142m", help="timm DINOv2 model for FD_DINOv2, used only when its weights are "
+                                 "in the local cache (never downloaded); null = skip FD_DINOv2")
+    dinov2_pretrained_path: str | None = F(None, help="local weights file for score.dinov2_model (instead of the cache)")
     per_class: bool = F(True, help="also report FID/KID per class where class sizes allow")
     batch_size: int = F(32, help="feature-extraction batch size", min=1)
     device: str = F("auto", help="'auto', 'cpu', 'cuda', ...")

@@ -40,6 +40,20 @@ def make_scheduler(scheduler_config, steps: int, device=None):
     return sched
 
 
+def uses_micro_conditions(transformer) -> bool:
+    """Whether the DiT takes resolution / aspect-ratio conditions (PixArt-XL-2-1024-MS).
+
+    The flag is the module attribute ``use_additional_conditions``: diffusers derives it in
+    ``__init__`` (true when ``sample_size == 128``) and leaves the config value as given, which is
+    ``None`` in the hub configs. The config is only read for a module without the attribute.
+    """
+    model = unwrap(transformer)
+    flag = getattr(model, "use_additional_conditions", None)
+    if flag is None:
+        flag = getattr(getattr(model, "config", None), "use_additional_conditions", None)
+    return bool(flag)
+
+
 def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, mask: torch.Tensor | None,
                   pixel_size: tuple[int, int] | None = None) -> torch.Tensor:
     """The PixArt transformer's prediction (epsilon, or v / x0 as the scheduler's
@@ -48,7 +62,6 @@ def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, m
     PixArt-alpha predicts 2*C channels (epsilon and the variance interpolation); like the
     diffusers pipeline and training scripts we use only the first C channels.
     """
-    cfg = unwrap(transformer).config
     b = latents.shape[0]
     if not torch.is_tensor(t):
         t = torch.tensor([t], device=latents.device)
@@ -58,11 +71,13 @@ def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, m
     if t.shape[0] != b:
         t = t.expand(b)
     added = {"resolution": None, "aspect_ratio": None}
-    if getattr(cfg, "use_additional_conditions", False):
-        # The 1024 px PixArt model conditions on image size; pixel size defaults to latent * 8.
+    if uses_micro_conditions(transformer):
+        # The 1024-MS model conditions on image size; pixel size defaults to latent * 8. As in
+        # PixArtAlphaPipeline: (height, width) and height / width in the text embeddings' dtype, one
+        # row per batch element (the CFG batch of 2B included).
         h, w = pixel_size or (latents.shape[-2] * 8, latents.shape[-1] * 8)
-        added = {"resolution": torch.tensor([[h, w]], device=latents.device, dtype=embeds.dtype).repeat(b, 1),
-                 "aspect_ratio": torch.tensor([[h / w]], device=latents.device, dtype=embeds.dtype).repeat(b, 1)}
+        added = {"resolution": torch.tensor([[h, w]], device=latents.device).to(embeds.dtype).repeat(b, 1),
+                 "aspect_ratio": torch.tensor([[float(h / w)]], device=latents.device).to(embeds.dtype).repeat(b, 1)}
     out = transformer(latents, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
                       added_cond_kwargs=added, return_dict=False)[0]
     c = latents.shape[1]
@@ -209,5 +224,5 @@ def grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2):
     return canvas
 
 
-__all__ = ["unwrap", "make_scheduler", "predict_noise", "denoise", "decode", "seeded_noise", "encode_text",
+__all__ = ["unwrap", "make_scheduler", "uses_micro_conditions", "predict_noise", "denoise", "decode", "seeded_noise", "encode_text",
            "generate", "to_pil", "grid"]

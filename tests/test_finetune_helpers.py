@@ -1,12 +1,13 @@
 """Tiny real PixArt-layout components built from configs (no hub, seeded) for finetune/HLDF unit tests.
 
-Not a test module itself; imported by tests/test_finetune*.py and tests/test_hldf.py.
+Imported by tests/test_finetune*.py and tests/test_hldf.py; its own tests cover small finetune helpers.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 PIXART_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
@@ -28,7 +29,7 @@ def tiny_tokenizer(words=("a", "an", "endoscopic", "dermoscopic", "image", "of",
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_components(seed: int = 0, res: int = 32, text_dim: int = 32):
+def tiny_components(seed: int = 0, res: int = 32, text_dim: int = 32, text_dropout: float = 0.0):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
@@ -41,7 +42,7 @@ def tiny_components(seed: int = 0, res: int = 32, text_dim: int = 32):
         out_channels=8, cross_attention_dim=16, caption_channels=text_dim, patch_size=2,
         norm_type="ada_norm_single", num_embeds_ada_norm=1000)
     te = T5EncoderModel(T5Config(vocab_size=32, d_model=text_dim, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                                 feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False))
+                                 feed_forward_proj="gated-gelu", dropout_rate=text_dropout, is_encoder_decoder=False))
     sched = DPMSolverMultistepScheduler(**PIXART_SCHEDULER)
     return SimpleNamespace(transformer=transformer, text_encoder=te, tokenizer=tiny_tokenizer(), vae=vae,
                            scheduler=sched, base="tiny-test")
@@ -51,3 +52,25 @@ def lora_settings(**kw):
     from medsynth.recipe import LoraConfig
 
     return LoraConfig(**kw)
+
+
+@pytest.mark.parametrize("base_dropout", [False, True])
+def test_set_train_mode_base_dropout(base_dropout):
+    """finetune.base_dropout on a T5 with T5 v1.1's dropout_rate 0.1 carrying LoRA (LoRA dropout 0):
+    false -> two training-mode forwards agree exactly (base in eval, only lora_dropout trains);
+    true -> the base dropout makes them differ (the old behaviour, whole module .train())."""
+    from medsynth.finetune import lora
+
+    c = tiny_components(text_dropout=0.1)
+    lora.add_lora(c.text_encoder, lora_settings(rank=4, alpha=4.0, dropout=0.0), lora.T5_TARGETS["full"], "T5")
+    lora.add_lora(c.transformer, lora_settings(rank=4, alpha=4.0, dropout=0.5), lora.DIT_TARGETS["paper"], "DiT")
+    for m in (c.text_encoder, c.transformer):
+        lora.set_train_mode(m, base_dropout)
+    ids = torch.tensor([[5, 6, 7, 8, 1]])
+    torch.manual_seed(0)
+    a, b = c.text_encoder(ids)[0], c.text_encoder(ids)[0]
+    assert torch.equal(a, b) != base_dropout
+    drops = {n: m.training for n, m in c.transformer.named_modules() if isinstance(m, torch.nn.Dropout)}
+    lora_drops = {n: t for n, t in drops.items() if "lora_dropout" in n}
+    assert lora_drops and all(lora_drops.values())  # LoRA dropout trains either way
+    assert all(t == base_dropout for n, t in drops.items() if n not in lora_drops)

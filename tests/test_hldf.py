@@ -31,6 +31,36 @@ def test_colour_loss_known_answer():
     assert z1.item() == 0.0 and z2.item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_channel_sum_is_three_times_channel_mean():
+    """finetune.hldf.channel_reduction: 'sum' (the paper's Eq. 4) = 3 x 'mean' (the official code)."""
+    g = torch.Generator().manual_seed(3)
+    gen = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1
+    real_mean, real_std = torch.rand(2, 3, generator=g) - 0.5, torch.rand(2, 3, generator=g) * 0.5
+    mean = hldf.colour_loss(gen, real_mean, real_std)
+    assert mean == hldf.colour_loss(gen, real_mean, real_std, "mean")  # the default stays the official one
+    summed = hldf.colour_loss(gen, real_mean, real_std, "sum")
+    for a, b in zip(summed, mean):
+        assert a.item() == pytest.approx(3 * b.item(), rel=1e-6) and b.item() > 0
+    with pytest.raises(ValueError, match="'max'"):
+        hldf.colour_loss(gen, real_mean, real_std, "max")
+
+
+def test_hldf_step_follows_channel_reduction():
+    c = _setup(text_encoder=False)
+    with torch.no_grad():
+        emb, mask = sampling.encode_text(c.tokenizer, c.text_encoder, ["a red polyp"], 8, "cpu")
+    real = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    m, s = hldf.colour_stats(real)
+    out = {}
+    for red in ("mean", "sum"):
+        hc = HldfConfig(steps=2, guidance=1.0, channel_reduction=red)
+        out[red] = hldf.hldf_step(c.transformer, c.vae, c.scheduler.config, hc, emb, mask, None, None, m, s,
+                                  torch.Generator().manual_seed(0), (1, 4, 16, 16))
+    assert torch.equal(out["mean"].images, out["sum"].images)  # same samples, only the reduction differs
+    assert out["sum"].loss.item() == pytest.approx(3 * out["mean"].loss.item(), rel=1e-5)
+    assert out["sum"].color_mean.item() == pytest.approx(3 * out["mean"].color_mean.item(), rel=1e-5)
+
+
 def test_weight_default_is_one_over_m():
     assert hldf.hldf_weight(HldfConfig(steps=20)) == pytest.approx(1 / 20)
     assert hldf.hldf_weight(HldfConfig(steps=20, weight=0.3)) == pytest.approx(0.3)

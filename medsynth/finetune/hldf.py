@@ -6,10 +6,11 @@ the frozen VAE with grad, and compared per image and per channel with that batch
 
     L_colour = MSE(mean_c(generated), mean_c(real)) + MSE(std_c(generated), std_c(real))
 
-averaged over images and the three channels, both images in [-1, 1]; the total loss adds
-``weight * L_colour`` (weight default 1/M, as in the paper). Only the real images' channel
-means and standard deviations enter the loss, so the trainer keeps those (6 numbers per image)
-rather than the images.
+averaged over images and, with ``finetune.hldf.channel_reduction: mean`` (default, as the official
+Med-Art code), over the three channels; ``sum`` adds the channels as the paper's Eq. 4 writes it
+(3x the mean). Both images in [-1, 1]; the total loss adds ``weight * L_colour`` (weight default
+1/M, as in the paper). Only the real images' channel means and standard deviations enter the
+loss, so the trainer keeps those (6 numbers per image) rather than the images.
 """
 
 from __future__ import annotations
@@ -32,10 +33,24 @@ def colour_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.mean(-1), x.std(-1, correction=0)
 
 
-def colour_loss(generated: torch.Tensor, real_mean: torch.Tensor, real_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MSE of channel means, MSE of channel stds) between generated images and real statistics."""
+CHANNEL_REDUCTIONS = ("mean", "sum")
+
+
+def colour_loss(generated: torch.Tensor, real_mean: torch.Tensor, real_std: torch.Tensor,
+                channel_reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared error of channel means, of channel stds) between generated images and real statistics.
+
+    Always averaged over images; over the channels averaged (``mean``, the official code) or summed
+    (``sum``, the paper's Eq. 4).
+    """
+    if channel_reduction not in CHANNEL_REDUCTIONS:
+        raise ValueError(f"channel_reduction {channel_reduction!r}: choose one of {CHANNEL_REDUCTIONS}")
     g_mean, g_std = colour_stats(generated)
-    return F.mse_loss(g_mean, real_mean.to(g_mean)), F.mse_loss(g_std, real_std.to(g_std))
+    lm = F.mse_loss(g_mean, real_mean.to(g_mean), reduction="none")  # (B, C)
+    ls = F.mse_loss(g_std, real_std.to(g_std), reduction="none")
+    if channel_reduction == "sum":
+        return lm.sum(-1).mean(), ls.sum(-1).mean()
+    return lm.mean(), ls.mean()
 
 
 def hldf_weight(hcfg) -> float:
@@ -45,7 +60,7 @@ def hldf_weight(hcfg) -> float:
 @dataclass
 class HldfResult:
     loss: torch.Tensor        # weight * (color_mean + color_std), with grad
-    color_mean: torch.Tensor  # unweighted parts, for logging
+    color_mean: torch.Tensor  # unweighted parts (after the channel reduction), for logging
     color_std: torch.Tensor
     images: torch.Tensor      # decoded images, detached (for debugging / benches)
 
@@ -77,5 +92,5 @@ def hldf_step(transformer, vae, scheduler_config, hcfg, embeds: torch.Tensor, ma
                          steps=hcfg.steps, guidance=hcfg.guidance, start_index=start, grad=True,
                          grad_last_k=hcfg.grad_last_k, checkpoint=checkpoint, pixel_size=pixel_size)
     images = sampling.decode(vae, x.float())
-    lm, ls = colour_loss(images, real_mean, real_std)
+    lm, ls = colour_loss(images, real_mean, real_std, hcfg.channel_reduction)
     return HldfResult(hldf_weight(hcfg) * (lm + ls), lm.detach(), ls.detach(), images.detach())

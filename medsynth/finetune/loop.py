@@ -213,6 +213,8 @@ class _Logger:
 
 def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     """Fine-tune ``model.base`` on the prepared train split; returns ``<workdir>/finetune``."""
+    from ..workspace import require  # a workdir that is not a workspace is refused before any write
+    require(recipe)
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -273,8 +275,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         vae.enable_gradient_checkpointing() if hasattr(vae, "enable_gradient_checkpointing") else None
         if train_te:
             text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    transformer.train()
-    text_encoder.train() if train_te else text_encoder.eval()
+    # finetune.base_dropout: whether the frozen base's own dropout (T5 v1.1: 0.1) runs while training.
+    lora.set_train_mode(transformer, ft.base_dropout)
+    lora.set_train_mode(text_encoder, ft.base_dropout) if train_te else text_encoder.eval()
     params = lora.trainable_parameters(transformer, text_encoder)
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in transformer.parameters()) + sum(p.numel() for p in text_encoder.parameters())
@@ -433,15 +436,18 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
             return
         tr = sampling.unwrap(transformer)
         te = sampling.unwrap(text_encoder)
-        was_tr, was_te = tr.training, te.training
         tr.eval()
         te.eval()
-        with accelerator.autocast():
-            imgs = sampling.generate(tr, te, tokenizer, vae, sched_config, grid_prompts, grid_seeds, resolution=res,
-                                     steps=recipe.synthesize.steps, guidance=recipe.synthesize.guidance, max_length=max_len,
-                                     batch_size=max(1, ft.batch_size), device=device, dtype=wdtype)
-        tr.train(was_tr)
-        te.train(was_te)
+        try:
+            with accelerator.autocast():
+                imgs = sampling.generate(tr, te, tokenizer, vae, sched_config, grid_prompts, grid_seeds, resolution=res,
+                                         steps=recipe.synthesize.steps, guidance=recipe.synthesize.guidance,
+                                         max_length=max_len, batch_size=max(1, ft.batch_size), device=device,
+                                         dtype=wdtype)
+        finally:
+            # Back to the training modes set up above (a plain .train() would switch base dropout on).
+            lora.set_train_mode(tr, ft.base_dropout)
+            lora.set_train_mode(te, ft.base_dropout) if train_te else te.eval()
         from ..workspace import atomic_path
 
         with atomic_path(out / "samples" / f"step-{at:07d}.png", ".png") as tmp:
@@ -556,17 +562,15 @@ def _write_final(out: Path, recipe, transformer, text_encoder, dit_cfg, te_cfg, 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    parts = {}
+    # PEFT folders only: diffusers has no LoRA loader for PixArt, so a single-file diffusers LoRA
+    # would load nowhere (medsynth.load_finetuned applies these folders to a stock pipeline).
     if dit_cfg is None:
         tr.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
     else:
         adapters.save_peft_dir(tr, dit_cfg, tmp / "transformer", base_name, "transformer")
-        parts["transformer"] = (tr, dit_cfg)
     if text_encoder is not None:
         te = sampling.unwrap(text_encoder)
         adapters.save_peft_dir(te, te_cfg, tmp / "text_encoder", base_name, "text_encoder")
-        parts["text_encoder"] = (te, te_cfg)
-    adapters.save_diffusers_lora(parts, tmp / "pytorch_lora_weights.safetensors")
     lc = recipe.finetune.lora
     info = {
         "kind": "full" if dit_cfg is None else "lora",

@@ -105,3 +105,44 @@ def expected_lora_params(model: torch.nn.Module, targets: list[str], rank: int, 
 
 def trainable_parameters(*models) -> list[torch.nn.Parameter]:
     return [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+
+
+def set_train_mode(module: torch.nn.Module, base_dropout: bool) -> torch.nn.Module:
+    """Put a (LoRA-carrying) model into training mode as ``finetune.base_dropout`` says; returns it.
+
+    ``base_dropout`` true: ``module.train()``, so every dropout of the frozen base is active (T5 v1.1
+    ships ``dropout_rate: 0.1``). False (default): the base runs in eval mode (deterministic, as
+    at inference) and only peft's ``lora_dropout`` modules train. Modules with gradient
+    checkpointing switched on get their own ``training`` flag back, not their children's:
+    transformers checkpoints a layer only while that flag is set, and it changes nothing else there
+    (dropout lives in child modules and the attention module). Works through DDP wrappers.
+    """
+    from ..sampling import unwrap
+
+    if base_dropout:
+        return module.train()
+    module.eval()
+    for name, sub in unwrap(module).named_modules():
+        if "lora_dropout" in name.split("."):
+            sub.train()
+        elif getattr(sub, "gradient_checkpointing", False) is True and _checkpoints_by_training_flag(sub):
+            sub.training = True
+    return module
+
+
+def _checkpoints_by_training_flag(sub: torch.nn.Module) -> bool:
+    """A transformers layer (>= 4.50: GradientCheckpointingLayer) or stack (older: the T5Stack
+    PreTrainedModel) that checkpoints only in training mode. Not T5Attention, which also carries
+    a ``gradient_checkpointing`` flag but reads ``training`` for its attention dropout."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    kinds: tuple[type, ...] = (PreTrainedModel,)
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        kinds += (GradientCheckpointingLayer,)
+    except ImportError:
+        pass
+    return isinstance(sub, kinds)

@@ -16,6 +16,7 @@ naming the id or path, the expected layout and how to get the weights.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -228,10 +229,28 @@ def _wrap(base: str, part: str, e: Exception) -> UserError:
                      + _how_to_get(base))
 
 
+def _vae_class(base: str, kw: dict):
+    """The autoencoder class ``vae/config.json`` names: ``AutoencoderKL`` (every real base) or medsynth's TAEF2.
+
+    The tiny base with ``model.tiny.autoencoder: taef2`` saves ``AutoencoderTAEF2`` there; loading it as
+    ``AutoencoderKL`` would fail on every weight name. Any other or unreadable name falls back to
+    ``AutoencoderKL``, whose ``from_pretrained`` then reports what is wrong with the folder.
+    """
+    from diffusers import AutoencoderKL
+
+    try:
+        name = AutoencoderKL.load_config(base, **kw).get("_class_name")
+    except (OSError, ValueError):
+        return AutoencoderKL
+    if name == "AutoencoderTAEF2":
+        from .taef2 import AutoencoderTAEF2
+
+        return AutoencoderTAEF2
+    return AutoencoderKL
+
+
 def load_tokenizer(recipe):
     """The base model's T5 tokenizer. For ``tiny`` it is built alone (no VAE fit) and loaded from disk."""
-    from transformers import AutoTokenizer
-
     if recipe.model.base.strip() == "tiny":
         from .tiny import tokenizer_dir
 
@@ -240,10 +259,57 @@ def load_tokenizer(recipe):
         base = resolve_base(recipe)
         check_base(recipe, parts=("tokenizer",))
     try:
-        tok = AutoTokenizer.from_pretrained(base, **_load_kwargs(recipe, base, "tokenizer"))
+        tok = _tokenizer_from(base, _load_kwargs(recipe, base, "tokenizer"))
     except (OSError, ValueError) as e:
         raise _wrap(base, "tokenizer", e) from None
     return tok
+
+
+def _index_class(base: str, kw: dict, part: str) -> str | None:
+    """The class model_index.json names for ``part`` (e.g. 'T5Tokenizer'), or None when unknown."""
+    try:
+        if _is_local(base):
+            path = Path(base) / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(base, "model_index.json", revision=kw.get("revision"),
+                                        local_files_only=kw.get("local_files_only", False)))
+        entry = json.loads(path.read_text(encoding="utf-8")).get(part)
+    except Exception:  # no index, unreadable, not downloadable: AutoTokenizer's own error is the better one
+        return None
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+
+
+def _tokenizer_from(base: str, kw: dict):
+    """AutoTokenizer, else the class model_index.json names (as DiffusionPipeline.from_pretrained does).
+
+    A tokenizer/ folder holding only T5's ``spiece.model`` (no tokenizer_config.json) gives
+    AutoTokenizer no class to build; the pipeline's model_index.json says 'T5Tokenizer'. Building
+    that tokenizer from spiece.model alone needs the protobuf package (transformers 5 reads the
+    sentencepiece model proto with it).
+    """
+    import importlib.util
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base, **kw)
+    except (OSError, ValueError) as first:
+        name = _index_class(base, kw, "tokenizer")
+        klass = getattr(transformers, name, None) if name else None
+        if klass is None or klass is AutoTokenizer:
+            raise first
+        try:
+            return klass.from_pretrained(base, **kw)
+        except (OSError, ValueError, ImportError) as e:
+            if importlib.util.find_spec("google.protobuf") is None:
+                raise UserError(f"model.base: {base}: the tokenizer/ folder has no tokenizer_config.json or "
+                                f"tokenizer.json, and building a {name} from its spiece.model needs the protobuf "
+                                "package, which is not installed; `pip install protobuf` (or add the tokenizer's "
+                                "tokenizer_config.json / tokenizer.json to the folder)") from None
+            raise e from None
 
 
 def load_components(recipe, parts=PARTS, device=None, dtype=None) -> Components:
@@ -252,8 +318,8 @@ def load_components(recipe, parts=PARTS, device=None, dtype=None) -> Components:
     ``device``/``dtype`` default to ``model.device``/``model.dtype``; both accept strings too.
     """
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
-    from transformers import AutoTokenizer, T5EncoderModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5EncoderModel
 
     parts = tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
@@ -272,11 +338,11 @@ def load_components(recipe, parts=PARTS, device=None, dtype=None) -> Components:
             if part == "transformer":
                 m = PixArtTransformer2DModel.from_pretrained(base, torch_dtype=dtype, **kw)
             elif part == "vae":
-                m = AutoencoderKL.from_pretrained(base, torch_dtype=dtype, **kw)
+                m = _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
             elif part == "text_encoder":
                 m = T5EncoderModel.from_pretrained(base, dtype=dtype, **kw)
             elif part == "tokenizer":
-                m = AutoTokenizer.from_pretrained(base, **kw)
+                m = _tokenizer_from(base, kw)
             else:
                 m = DPMSolverMultistepScheduler.from_pretrained(base, **kw)
         except (OSError, ValueError) as e:
