@@ -84,9 +84,15 @@ def stage_key(recipe: Recipe, stage: str) -> str:
         return sha256_json({**common, **prepared, "captions": captions, "model": d["model"],
                             "finetune": d["finetune"], "modality": d["modality"]})
     if stage == "synthesize":
+        judge = None
+        if recipe.synthesize.curate.enabled:  # the curation judge's weights decide which candidates are kept
+            from .synthesize.curate import judge_dir
+
+            judge = _file_hash(judge_dir(recipe) / "model.safetensors")
         return sha256_json({**common, **prepared, "captions": captions, "model": d["model"],
                             "synthesize": d["synthesize"], "modality": d["modality"],
-                            "finetuned": _file_hash(wd / "finetune" / "provenance.json")})
+                            "finetuned": _file_hash(wd / "finetune" / "provenance.json"),
+                            **({"judge": judge} if recipe.synthesize.curate.enabled else {})})
     if stage == "classify":
         return sha256_json({**common, **prepared, "classify": d["classify"], "targets": _classify_targets(recipe),
                             "synthetic": _file_hash(wd / "synthetic" / "provenance.json")})
@@ -121,6 +127,15 @@ def _outputs_complete(recipe: Recipe, stage: str) -> bool:
         if not prov or not prov.get("complete"):
             return False
     return True
+
+
+def _ensure_judge(recipe: Recipe) -> None:
+    """With curation judged by 'real', train classify/real (real train split only) when it is missing."""
+    c = recipe.synthesize.curate
+    if c.enabled and c.judge == "real" and not (recipe.workdir_path / "classify" / "real" / "model.safetensors").is_file():
+        from .synthesize.curate import ensure_judge
+
+        ensure_judge(recipe)
 
 
 def _run_stage(recipe: Recipe, stage: str, resumable: bool = False) -> Path:
@@ -167,7 +182,10 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
     for name, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in STAGES:
             raise UserError(f"{name} {value!r}: not a stage; choose one of {', '.join(STAGES)}")
-    wd = recipe.workdir_path
+    from .workspace import check_workdir
+
+    # Before stages.json is written: a refused workdir (the data folder, a foreign folder) stays untouched.
+    wd = check_workdir(recipe)
     state_path = wd / "stages.json"
     try:
         done = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -183,6 +201,8 @@ def run(recipe: Recipe, *, from_stage: str | None = None, only: str | None = Non
         if stage not in selected:
             continue
         t0 = time.perf_counter()
+        if stage == "synthesize":
+            _ensure_judge(recipe)  # before the key: the key holds the judge's weights hash
         key = stage_key(recipe, stage)
         unchanged = done.get(stage) == key and _outputs_complete(recipe, stage)
         if unchanged and not force and not (only or (from_stage == stage)):

@@ -2,13 +2,16 @@
 
 ``<workdir>/finetune/final/``::
 
-    transformer/                       PEFT adapter dir (PeftModel.from_pretrained) or, for
-                                       adapter=full, the whole DiT saved with save_pretrained
-    text_encoder/                      PEFT adapter dir (when T5 carries LoRA)
-    pytorch_lora_weights.safetensors   diffusers-style LoRA state dict: "transformer.<module>.lora_A.weight",
-                                       "text_encoder.<module>.lora_B.weight", ... (LoRA configs in the
-                                       safetensors metadata)
-    adapter.json                       kind lora|full, base, targets, rank, alpha, dora, recipe hash, step
+    transformer/       PEFT adapter dir (PeftModel.from_pretrained) or, for adapter=full, the
+                       whole DiT saved with save_pretrained (PixArtTransformer2DModel.from_pretrained)
+    text_encoder/      PEFT adapter dir (when T5 carries LoRA)
+    adapter.json       kind lora|full, base, resolution, targets, rank, alpha, dora, recipe hash, step
+
+There is no single-file diffusers LoRA (``pytorch_lora_weights.safetensors``): diffusers has no
+LoRA loader for PixArt (``PixArtAlphaPipeline`` has no ``load_lora_weights``, and
+``PixArtTransformer2DModel`` no ``load_lora_adapter``, checked on diffusers 0.42), so such a file
+would load nowhere. The PEFT folders are the format; :func:`load_finetuned` applies them to a
+stock ``PixArtAlphaPipeline``.
 """
 
 from __future__ import annotations
@@ -51,19 +54,6 @@ def save_peft_dir(model: torch.nn.Module, lora_cfg, out: Path, base: str, subfol
     cfg.save_pretrained(str(out))
 
 
-def save_diffusers_lora(parts: dict[str, tuple[torch.nn.Module, object]], path: Path) -> None:
-    """One safetensors file with every LoRA tensor, keys prefixed by the component name."""
-    from safetensors.torch import save_file
-
-    tensors, meta = {}, {"format": "pt"}
-    for prefix, (model, cfg) in parts.items():
-        for k, v in peft_state(model).items():
-            tensors[f"{prefix}.{k}"] = v
-        meta[f"{prefix}_lora_config"] = json.dumps(cfg.to_dict(), default=list)
-    if tensors:
-        save_file(tensors, str(path), metadata=meta)
-
-
 def adapter_hash(finetune_dir: Path) -> str:
     """sha256 over the adapter files of ``<finetune_dir>/final`` (names and contents, sorted)."""
     finetune_dir = Path(finetune_dir)
@@ -90,42 +80,85 @@ def read_adapter_info(finetune_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _replace(components, **kw):
-    if dataclasses.is_dataclass(components):
-        return dataclasses.replace(components, **kw)
-    if hasattr(components, "_replace"):
-        return components._replace(**kw)
-    for k, v in kw.items():
-        setattr(components, k, v)
+def _root(finetune_dir) -> Path:
+    finetune_dir = Path(finetune_dir).expanduser()
+    return finetune_dir / "final" if (finetune_dir / "final").is_dir() else finetune_dir
+
+
+def lora_parts(finetune_dir) -> tuple[str, ...]:
+    """The components that carry a LoRA in this finetune output ('transformer', 'text_encoder')."""
+    root = _root(finetune_dir)
+    return tuple(p for p in ("transformer", "text_encoder") if (root / p / "adapter_config.json").is_file())
+
+
+def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+    """Apply the PEFT adapter in ``adapter_dir`` to ``model`` in place; returns that same model.
+
+    The merge runs per layer in float32 (the base layer is upcast, the LoRA delta added, the sum
+    cast back): peft's own merge adds a delta cast to the weight's dtype, and a bf16 weight
+    (8 significant bits) rounds an update below half its spacing away entirely.
+    """
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # autocast_adapter_dtype (peft's default) keeps the adapter weights in float32 on a bf16/fp16 base.
+    wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    if not merge:
+        return model
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer"):
+            base = layer.get_base_layer()
+            dtype = base.weight.dtype
+            base.float()
+            layer.merge()
+            base.to(dtype)
+    return wrapped.unload()  # the merged base layers back in place of the LoRA wrappers
+
+
+def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=("transformer", "text_encoder")):
+    """Apply the final adapters of ``finetune_dir`` to ``components`` in place and return them.
+
+    ``components`` is anything with ``transformer`` / ``text_encoder`` attributes (medsynth's
+    :class:`~medsynth.models.loading.Components`, or a ``PixArtAlphaPipeline``); only ``parts``
+    are touched, and a part that is None is skipped. LoRA is merged into the base weights in
+    float32, then cast back to the weights' dtype (to merge against unrounded base weights, load
+    the base in float32 first, as synthesis does); ``merge=False`` leaves the LoRA layers in.
+    With ``kind: full`` the fine-tuned DiT replaces the transformer (same dtype and device).
+    """
+    root = _root(finetune_dir)
+    info = read_adapter_info(root)
+    tr = getattr(components, "transformer", None) if "transformer" in parts else None
+    if tr is not None:
+        p = next(tr.parameters())
+        if info.get("kind") == "full":
+            from diffusers import PixArtTransformer2DModel
+
+            components.transformer = PixArtTransformer2DModel.from_pretrained(
+                str(root / "transformer"), torch_dtype=p.dtype).to(p.device).eval()
+        elif "transformer" in lora_parts(root):
+            components.transformer = _load_lora(tr, root / "transformer", merge).eval()
+        else:
+            raise UserError(f"{root / 'adapter.json'} says kind {info.get('kind')!r} but {root / 'transformer'} holds "
+                            "no PEFT adapter (adapter_config.json): the finetune output is incomplete; "
+                            "rerun `medsynth finetune`")
+    te = getattr(components, "text_encoder", None) if "text_encoder" in parts else None
+    if te is not None and "text_encoder" in lora_parts(root):
+        components.text_encoder = _load_lora(te, root / "text_encoder", merge).eval()
     return components
 
 
-def apply_finetuned(components, finetune_dir: Path):
-    """Load the final adapters onto freshly loaded base ``components`` for inference.
+def load_finetuned(pipe, finetune_dir, *, merge: bool = True):
+    """Apply a medsynth finetune output to a stock ``PixArtAlphaPipeline`` in place; returns ``pipe``.
 
-    LoRA is merged into the base weights (no adapter overhead while sampling); a full DiT
-    replaces the base transformer. Returns the updated components.
+    ``finetune_dir`` is ``<workdir>/finetune`` or its ``final/`` folder. ``pipe`` must be built
+    from the same base (``PixArtAlphaPipeline.from_pretrained(model.base)``) and keep its text
+    encoder when the finetune trained a T5 LoRA. See :func:`apply_finetuned` for ``merge``.
     """
-    from peft import PeftModel
-
-    finetune_dir = Path(finetune_dir)
-    root = finetune_dir / "final" if (finetune_dir / "final").is_dir() else finetune_dir
-    info = read_adapter_info(finetune_dir)
-    updates = {}
-    tr = components.transformer
-    if tr is not None:
-        p = next(tr.parameters())
-        if info["kind"] == "full":
-            from diffusers import PixArtTransformer2DModel
-
-            updates["transformer"] = PixArtTransformer2DModel.from_pretrained(
-                str(root / "transformer"), torch_dtype=p.dtype).to(p.device).eval()
-        else:
-            m = PeftModel.from_pretrained(tr, str(root / "transformer"))
-            updates["transformer"] = m.merge_and_unload().to(p.dtype).eval()
-    te = getattr(components, "text_encoder", None)
-    if te is not None and (root / "text_encoder" / "adapter_config.json").is_file():
-        p = next(te.parameters())
-        m = PeftModel.from_pretrained(te, str(root / "text_encoder"))
-        updates["text_encoder"] = m.merge_and_unload().to(p.dtype).eval()
-    return _replace(components, **updates)
+    root = _root(finetune_dir)
+    read_adapter_info(root)  # a clear error for a directory that is no finetune output
+    missing = [p for p in ("transformer",) + lora_parts(root) if getattr(pipe, p, None) is None]
+    if missing:
+        raise UserError(f"load_finetuned: the pipeline has no {' or '.join(sorted(set(missing)))}, but {root} holds "
+                        f"fine-tuned weights for it; build the pipeline with every component "
+                        "(PixArtAlphaPipeline.from_pretrained(base))")
+    return apply_finetuned(pipe, root, merge=merge)

@@ -23,9 +23,10 @@ from pathlib import Path
 from .. import __version__, console
 from ..errors import UserError
 from ..workspace import atomic_write_json, ensure_dir, sha256_file, sha256_json, write_provenance
-from .plan import DEFAULT_PER_CLASS, Plan, make_plan, parse_worker, shards_of  # noqa: F401
+from .plan import DEFAULT_PER_CLASS, Plan, make_plan, parse_worker, sample_key, shards_of  # noqa: F401
 from .prompts import build_prompts
 from . import writer as W
+from .card import write_card
 
 FORMATS = ("webdataset", "imagefolder")
 SCHEDULER = "DPMSolverMultistepScheduler(dpmsolver++)"
@@ -63,6 +64,104 @@ def _adapter_dir(recipe, lora, base_only: bool) -> Path | None:
     return d
 
 
+def _same_base(trained: str, recipe) -> tuple[bool, str]:
+    """(does ``trained``, the base in adapter.json, name the recipe's model.base?, what the recipe's base resolves to).
+
+    adapter.json records the resolved base (``models.loading.resolve_base``): a Hub id as given,
+    a local directory as an absolute path, ``tiny`` as its directory in the workspace. So a local
+    directory given through another path (relative, ``~``, a symlink) is the same base.
+    """
+    from ..models.loading import _is_local
+
+    want = (recipe.model.base or "").strip()
+    if trained == want:
+        return True, want
+    if want == "tiny":
+        from ..models.tiny import base_dir
+
+        mine = base_dir(recipe).resolve()
+        t = Path(trained)
+        # The directory name is the hash of everything the tiny base is built from, so it
+        # identifies the base even when the workspace was moved or reached through another path.
+        return (t.name == mine.name and t.parent.name == "tiny-base"), str(mine)
+    if _is_local(want):
+        mine = Path(want).expanduser().resolve()
+        t = Path(trained).expanduser()
+        if not _is_local(trained):
+            return False, str(mine)
+        if mine.exists() and t.exists():
+            return os.path.samefile(mine, t), str(mine)
+        return t.resolve() == mine, str(mine)
+    return False, want
+
+
+def check_adapter_matches(recipe, adapter: Path) -> None:
+    """Refuse adapters trained on another base model or at another resolution than the recipe's.
+
+    Applied to another base, LoRA deltas (or a full DiT) produce noise or fail to load halfway;
+    at another resolution the DiT's position embeddings and what it learned do not match.
+    """
+    from ..finetune.adapters import read_adapter_info
+
+    root = adapter / "final" if (adapter / "final").is_dir() else adapter
+    path = root / "adapter.json"
+    info = read_adapter_info(root)
+    problems = []
+    trained = info.get("base")
+    if trained:
+        same, resolved = _same_base(str(trained), recipe)
+        if not same:
+            want = recipe.model.base
+            where = f" (which resolves to {resolved})" if resolved != want else ""
+            if want == "tiny" and Path(str(trained)).parent.name == "tiny-base":
+                fix = ("'tiny' is built from this workspace's train images and the model.tiny, model.resolution and "
+                       "seed settings, and one of them changed since finetuning. Rerun `medsynth finetune` with this "
+                       "recipe, or set those keys back to the values the adapters were trained with "
+                       f"({root.parent / 'config.yaml'} has them)")
+            else:
+                fix = (f"Rerun `medsynth finetune` with this recipe, or set model.base back to the base the adapters "
+                       f"were trained on (--set model.base={trained})")
+            problems.append(f"the adapters were trained on model.base {trained!r}, but the recipe's model.base is "
+                            f"{want!r}{where}. {fix}")
+    res = info.get("resolution")
+    if res is not None and int(res) != recipe.model.resolution:
+        problems.append(f"the adapters were trained at model.resolution {res}, but the recipe asks for "
+                        f"{recipe.model.resolution}. Rerun `medsynth finetune` with this recipe, or set "
+                        f"model.resolution back (--set model.resolution={res})")
+    if problems:
+        raise UserError(f"{path}: " + "; and ".join(problems) + ".")
+
+
+def load_model(recipe, adapter: Path | None, device, dtype):
+    """The base components on ``device`` in ``dtype`` with the fine-tuned weights of ``adapter`` (None: base only).
+
+    A LoRA is merged into float32 copies of the base weights (loaded on the CPU, one component at
+    a time) and the merged weights are then copied into the components loaded in ``dtype``:
+    merged into weights already rounded to bf16, an update below half a weight's bf16 spacing
+    would be rounded away and larger ones rounded twice. Copying with ``load_state_dict`` keeps
+    every weight in the dtype ``from_pretrained`` gave it (transformers keeps T5's ``wo`` in
+    float32 under fp16). The cost: the CPU briefly holds one component in float32.
+    """
+    import torch
+
+    from ..models.loading import load_components
+
+    comps = load_components(recipe, parts=("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
+                            device=device, dtype=dtype)
+    if adapter is None:
+        return comps
+    from ..finetune.adapters import apply_finetuned, lora_parts
+
+    fp32 = lora_parts(adapter) if dtype != torch.float32 else ()
+    apply_finetuned(comps, adapter, parts=[p for p in ("transformer", "text_encoder") if p not in fp32])
+    for part in fp32:
+        masters = load_components(recipe, parts=(part,), device="cpu", dtype=torch.float32)
+        apply_finetuned(masters, adapter, parts=(part,))
+        getattr(comps, part).load_state_dict(getattr(masters, part).state_dict())
+        del masters
+    return comps
+
+
 def _process_split(worker: str | None, device_spec: str):
     """(global rank, world size, accelerate state or None): --worker I/N combined with launcher ranks.
 
@@ -83,10 +182,14 @@ def _process_split(worker: str | None, device_spec: str):
 
 
 def _settings(recipe, plan: Plan, fmt: str, adapter_hash: str | None, prompts: dict[str, str],
-              prompts_info: dict) -> dict:
+              prompts_info: dict, judge: dict | None = None) -> dict:
     """Everything the images and records depend on (not batch size or device: they must not matter)."""
     s, m = recipe.synthesize, recipe.model
-    return {
+    # Only present with curation on, so enabling this feature left the fingerprints of existing syntheses unchanged.
+    curate = {} if judge is None else {"curate": {"oversample": s.curate.oversample, "min_score": s.curate.min_score,
+                                                  "min_distance": s.curate.min_distance, "judge": judge["path"],
+                                                  "judge_sha256": judge["sha256"]}}
+    return {**curate,
         "format": fmt, "image_format": s.image_format,
         "jpg_quality": s.jpg_quality if s.image_format == "jpg" else None,
         "shard_size": s.shard_size, "resolution": m.resolution, "steps": s.steps, "guidance": s.guidance,
@@ -107,6 +210,8 @@ def run(recipe, per_class: int | None = None, out: str | os.PathLike | None = No
 
     ``batch_size`` overrides synthesize.batch_size (images do not depend on it; tests use it).
     """
+    from ..workspace import require  # a workdir that is not a workspace is refused before any write
+    require(recipe)
     from ..data import read_classes
 
     t0 = time.time()
@@ -126,19 +231,30 @@ def run(recipe, per_class: int | None = None, out: str | os.PathLike | None = No
         console.info(plan.describe())
     out = Path(out).expanduser() if out else default_out(recipe)
 
+    adapter = _adapter_dir(recipe, lora, base_only)
+    if adapter is not None:
+        check_adapter_matches(recipe, adapter)
     # Fail on missing base weights before touching the output directory: a typo in
     # model.base must never cost the user an existing synthesis.
     from ..models.loading import check_base
 
     check_base(recipe)
-    adapter = _adapter_dir(recipe, lora, base_only)
     adapter_hash = None
     if adapter is not None:
         from ..finetune.adapters import adapter_hash as _adapter_hash
 
         adapter_hash = _adapter_hash(adapter)
+    judge = None
+    if recipe.synthesize.curate.enabled:
+        if world > 1:
+            raise UserError("synthesize.curate.enabled: curation picks the best candidates of a whole class, so it runs "
+                            "in one process; drop --worker and the launcher (accelerate/torchrun), or set "
+                            "synthesize.curate.enabled=false")
+        from .curate import ensure_judge
+
+        judge = ensure_judge(recipe)
     prompts, prompts_info = build_prompts(recipe, plan, workdir)
-    settings = _settings(recipe, plan, fmt, adapter_hash, prompts, prompts_info)
+    settings = _settings(recipe, plan, fmt, adapter_hash, prompts, prompts_info, judge)
     fingerprint = sha256_json(settings)
 
     # Output directory: new, ours with the same settings (resume), or ours with other settings.
@@ -167,7 +283,12 @@ def run(recipe, per_class: int | None = None, out: str | os.PathLike | None = No
         console.info(f"synthesize: {done_before} shard(s) already complete in {out}; {len(todo)} to generate")
 
     n_images, gen_seconds = 0, 0.0
-    if todo:
+    curation = None
+    if judge is not None:
+        if todo or not _index_done(out, fingerprint):
+            n_images, gen_seconds, curation = _curate(recipe, plan, out, todo, fmt, ext, bs, adapter, adapter_hash,
+                                                      fingerprint, judge)
+    elif todo:
         n_images, gen_seconds = _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter,
                                           adapter_hash, fingerprint, state)
     last_stats.update({"generated": n_images, "seconds": round(gen_seconds, 3),
@@ -175,7 +296,7 @@ def run(recipe, per_class: int | None = None, out: str | os.PathLike | None = No
                        "worker": f"{rank}/{world}", "shards_written": len(todo), "shards_skipped": done_before})
 
     if _all_complete(out, plan, fmt, ext):
-        _finalize(recipe, out, plan, fmt, ext, settings, prompts_info, fingerprint, adapter)
+        _finalize(recipe, out, plan, fmt, ext, settings, prompts_info, fingerprint, adapter, curation)
         console.info(f"synthesize: {plan.total} images in {out} ({time.time() - t0:.1f} s)")
     else:
         missing = sum(1 for s in range(plan.n_shards) if not (out / W.shard_name(s)).is_file()) \
@@ -203,22 +324,18 @@ def _prepare_out(out: Path, settings: dict, fingerprint: str, plan: Plan, status
                                               "classes": [c["name"] for c in plan.classes]})
 
 
-def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_hash, fingerprint, state):
+def _make_engine(recipe, adapter, adapter_hash, state):
     import torch
 
-    from ..models.loading import check_base, load_components, resolve_device, resolve_dtype
+    from ..models.loading import check_base, resolve_device, resolve_dtype
 
     check_base(recipe)
     device = resolve_device(recipe.model.device)
     if state is not None and state.num_processes > 1 and torch.device(device).type == "cuda":
         device = state.device  # one GPU per rank
     dtype = resolve_dtype(recipe.model.dtype)
-    comps = load_components(recipe, parts=("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
-                            device=device, dtype=dtype)
+    comps = load_model(recipe, adapter, device, dtype)
     if adapter is not None:
-        from ..finetune.adapters import apply_finetuned
-
-        comps = apply_finetuned(comps, adapter)
         console.info(f"synthesize: fine-tuned weights from {adapter} (adapter {adapter_hash[:12]})")
     else:
         console.info("synthesize: base model only (--base-only)")
@@ -228,13 +345,23 @@ def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_h
     from .engine import Engine
 
     s = recipe.synthesize
-    engine = Engine(comps, resolution=recipe.model.resolution, steps=s.steps, guidance=s.guidance,
-                    negative_prompt=s.negative_prompt, max_text_tokens=recipe.model.max_text_tokens,
-                    device=device, dtype=dtype)
-    meta_common = {"steps": s.steps, "guidance": s.guidance, "negative_prompt": s.negative_prompt,
-                   "resolution": recipe.model.resolution, "scheduler": SCHEDULER, "base_model": recipe.model.base,
-                   "adapter_hash": adapter_hash, "recipe_hash": fingerprint, "recipe_seed": recipe.seed,
-                   "medsynth": __version__}
+    return Engine(comps, resolution=recipe.model.resolution, steps=s.steps, guidance=s.guidance,
+                  negative_prompt=s.negative_prompt, max_text_tokens=recipe.model.max_text_tokens,
+                  device=device, dtype=dtype)
+
+
+def _meta_common(recipe, adapter_hash, fingerprint) -> dict:
+    s = recipe.synthesize
+    return {"steps": s.steps, "guidance": s.guidance, "negative_prompt": s.negative_prompt,
+            "resolution": recipe.model.resolution, "scheduler": SCHEDULER, "base_model": recipe.model.base,
+            "adapter_hash": adapter_hash, "recipe_hash": fingerprint, "recipe_seed": recipe.seed,
+            "medsynth": __version__}
+
+
+def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_hash, fingerprint, state):
+    engine = _make_engine(recipe, adapter, adapter_hash, state)
+    s = recipe.synthesize
+    meta_common = _meta_common(recipe, adapter_hash, fingerprint)
     category = {c["name"]: c.get("category") for c in plan.classes}
 
     def meta(x):
@@ -283,6 +410,67 @@ def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_h
     return n, t_gen
 
 
+def _index_done(out: Path, fingerprint: str) -> bool:
+    try:
+        return json.loads((out / "index.json").read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def _curate(recipe, plan, out, todo, fmt, ext, bs, adapter, adapter_hash, fingerprint, judge):
+    """Candidates -> judge -> the planned counts; writes the shards (or images) in ``todo``.
+
+    Returns (images generated now, seconds generating, curation summary for index.json).
+    """
+    from . import curate as C
+
+    prompt_cache: dict[str, str] = {}
+    extent = {"n": 0}
+
+    def prompt_of(label: str, index: int) -> str:
+        # Candidate j's prompt is the one the plan's rule gives sample j: build_prompts over a plan
+        # extended to (at least) j + 1 samples per class, grown by doubling so it is rebuilt rarely.
+        key = sample_key(label, index)
+        if key not in prompt_cache:
+            extent["n"] = max(2 * extent["n"], index + 1, max(plan.counts.values(), default=0))
+            ext_plan = Plan(rule=plan.rule, value=plan.value, classes=plan.classes,
+                            counts={n: (extent["n"] if plan.counts[n] else 0) for n in plan.counts},
+                            shard_size=plan.shard_size, seed=plan.seed)
+            prompt_cache.update(build_prompts(recipe, ext_plan, recipe.workdir_path)[0])
+        return prompt_cache[key]
+
+    curator = C.Curator(recipe, plan, out, ext, bs, judge, lambda: _make_engine(recipe, adapter, adapter_hash, None),
+                        prompt_of)
+    kept, summary = curator.run()
+    console.info(C.table(summary))
+    meta_common = _meta_common(recipe, adapter_hash, fingerprint)
+    category = {c["name"]: c.get("category") for c in plan.classes}
+    for sh in todo:
+        samples = plan.shard(sh)
+        sw = W.ShardWriter(out, sh) if fmt == "webdataset" else None
+        try:
+            for x in samples:
+                k = kept[x.label][x.index]
+                if sw is None and W.image_path(out, x, ext).is_file():
+                    continue
+                data = C.candidate_image(out, x.label, k.index, ext).read_bytes()
+                meta = {**meta_common, "key": x.key, "label": x.label, "cls": x.cls, "category": category[x.label],
+                        "index": x.index, "seed": k.seed, "prompt": k.prompt, "candidate": k.index,
+                        "judge": judge["path"], "judge_sha256": judge["sha256"], "judge_score": k.score,
+                        "nearest_real_distance": k.distance}
+                if sw is not None:
+                    sw.write(x.key, data, ext, x.cls, meta)
+                else:
+                    W.write_image_file(out, x, data, ext)
+            if sw is not None:
+                sw.commit()
+        except BaseException:
+            if sw is not None:
+                sw.abort()
+            raise
+    return curator.generated_now, curator.seconds, summary
+
+
 def _all_complete(out: Path, plan: Plan, fmt: str, ext: str) -> bool:
     if fmt == "webdataset":
         if not all((out / W.shard_name(s)).is_file() for s in range(plan.n_shards)):
@@ -292,7 +480,7 @@ def _all_complete(out: Path, plan: Plan, fmt: str, ext: str) -> bool:
 
 
 def _finalize(recipe, out: Path, plan: Plan, fmt: str, ext: str, settings: dict, prompts_info: dict,
-              fingerprint: str, adapter: Path | None) -> None:
+              fingerprint: str, adapter: Path | None, curation: dict | None = None) -> None:
     """index.json, grid.png, provenance: everything follows from the plan, so any worker may do it."""
     index_path = out / "index.json"
     try:
@@ -305,7 +493,7 @@ def _finalize(recipe, out: Path, plan: Plan, fmt: str, ext: str, settings: dict,
             grid = W.make_grid(W.first_images(out, plan, fmt, ext, k), min(recipe.model.resolution, 256))
             if grid is not None:
                 W.write_grid(out / "grid.png", grid)
-        W.write_index(out, plan, fmt, ext, settings, prompts_info, fingerprint)
+        W.write_index(out, plan, fmt, ext, settings, prompts_info, fingerprint, curation)
     workdir = recipe.workdir_path
     inputs = {"classes.json": sha256_file(workdir / "classes.json")}
     if prompts_info.get("used") == "captions" and (workdir / "captions.jsonl").is_file():
@@ -314,6 +502,11 @@ def _finalize(recipe, out: Path, plan: Plan, fmt: str, ext: str, settings: dict,
         inputs["prompt_file"] = sha256_file(Path(recipe.synthesize.prompt_file).expanduser())
     if adapter is not None:
         inputs["adapter"] = settings["adapter_hash"]
+    # The card comes after the shards and index.json are complete and before provenance marks the stage
+    # complete; scores are only quoted when score/ scored this very directory (the workspace's own set).
+    own = out.resolve() == default_out(recipe).resolve()
+    write_card(out, license=recipe.synthesize.license, modality=recipe.modality, name=recipe.name,
+               workdir=workdir if own else None)
     write_provenance(out, recipe, "synthesize", inputs=inputs, config=settings, complete=True,
                      extra={"total": plan.total, "counts": plan.counts, "format": fmt, "out": str(out)})
 
@@ -343,4 +536,5 @@ def summary(out: str | os.PathLike) -> dict:
     return res
 
 
-__all__ = ["run", "summary", "default_out", "make_plan", "Plan", "DEFAULT_PER_CLASS"]
+__all__ = ["run", "summary", "default_out", "make_plan", "Plan", "DEFAULT_PER_CLASS", "load_model",
+           "check_adapter_matches"]

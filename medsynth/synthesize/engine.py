@@ -81,9 +81,15 @@ class Engine:
         out = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(s.seed)) for s in samples]
         return torch.stack(out).to(self.device, self.dtype)
 
-    @torch.no_grad()
     def generate(self, samples: list[Sample], prompts: dict[str, str]) -> list[np.ndarray]:
         """uint8 HxWx3 images for ``samples`` (one pipeline call for the whole batch)."""
+        images = self.generate_float(samples, prompts)
+        # Same rounding as diffusers' numpy_to_pil.
+        return list((images * 255).round().clip(0, 255).astype(np.uint8))
+
+    @torch.no_grad()
+    def generate_float(self, samples: list[Sample], prompts: dict[str, str]) -> np.ndarray:
+        """The pipeline's float images in [0, 1], shape (B, H, W, 3), before rounding to 8 bits."""
         pairs = [self.embed(prompts[s.key]) for s in samples]
         embeds = torch.cat([e for e, _ in pairs]).to(self.device)
         mask = torch.cat([m for _, m in pairs]).to(self.device)
@@ -99,5 +105,4 @@ class Engine:
             # Binning would snap a custom resolution to PixArt's aspect-ratio table and resize back.
             use_resolution_binning=False, output_type="np", return_dict=False, **kwargs,
         )[0]
-        # Same rounding as diffusers' numpy_to_pil.
-        return list((images * 255).round().clip(0, 255).astype(np.uint8))
+        return images

@@ -8,6 +8,7 @@ Layout of ``<out>/`` (docs/output-format.md)::
     _info.json             split info for timm's `wds/` reader
     metadata.jsonl         imagefolder only: one line per image (Hugging Face `imagefolder` layout)
     grid.png               first images of every class, one row per class
+    README.md              the dataset card (Hugging Face YAML header; card.py)
     config.yaml, provenance.json
 
 A shard appears under its final name only when complete (temporary name, fsync, rename),
@@ -34,7 +35,8 @@ from .plan import Plan, Sample
 
 SHARD_PATTERN = "synth-%06d.tar"
 # Files this stage owns in an output directory (everything else there is left alone).
-OWN_FILES = ("plan.json", "index.json", "_info.json", "metadata.jsonl", "grid.png", "config.yaml", "provenance.json")
+OWN_FILES = ("plan.json", "index.json", "_info.json", "metadata.jsonl", "grid.png", "config.yaml", "provenance.json",
+             "README.md")
 # Fixed tar metadata: the same samples give byte-identical shards (no wall-clock mtime, no local user).
 TAR_MTIME = 0
 TAR_USER = "medsynth"
@@ -243,7 +245,7 @@ def write_grid(path: Path, grid: Image.Image) -> None:
 
 
 def write_index(out: Path, plan: Plan, fmt: str, ext: str, settings: dict, prompts_info: dict,
-                fingerprint: str) -> Path:
+                fingerprint: str, curation: dict | None = None) -> Path:
     """index.json (+ _info.json for timm, metadata.jsonl for imagefolder), from the plan.
 
     Everything here follows from the plan, so any worker (or a rerun) writes the same file.
@@ -270,6 +272,7 @@ def write_index(out: Path, plan: Plan, fmt: str, ext: str, settings: dict, promp
         "prompts": prompts_info,
         "settings": settings,
         "fingerprint": fingerprint,
+        **({"curation": curation} if curation else {}),
     }
     if fmt == "webdataset":
         # timm's `wds/` reader looks for _info.json with per-split file lists and lengths.
@@ -309,6 +312,12 @@ def check_out_dir(out: Path, fingerprint: str) -> str:
 def discard_previous(out: Path, plan_file_data: dict | None) -> int:
     """Remove a previous synthesis of other settings: our shards, class-folder images and records."""
     n = 0
+    cur = out / ".curate"  # scored candidates of curation (curate.py): only valid for those settings
+    if cur.is_dir():
+        import shutil
+
+        n += sum(1 for _ in cur.rglob("*"))
+        shutil.rmtree(cur)
     for p in out.iterdir():
         name = p.name
         if p.is_file() and ((name.startswith("synth-") and name.endswith(".tar"))
