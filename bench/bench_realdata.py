@@ -56,7 +56,7 @@ def main() -> int:
     for name, c, syn, real, scores, secs, total in rows:
         st = " ".join(f"{k}={v:.0f}" for k, v in secs.items())
         print(f"{name:12s} {c:2d} {1 / c:6.3f} {syn['balanced_accuracy']:7.3f} {real['balanced_accuracy']:7.3f} "
-              f"{syn['f1_macro']:7.3f} {real['f1_macro']:7.3f} {scores.get('kid_mean', float('nan')):8.4f} "
+              f"{syn['f1_macro']:7.3f} {real['f1_macro']:7.3f} {scores.get('kid_inception_mean', scores.get('kid_domain_mean', float('nan'))):8.4f} "
               f"{scores.get('domain_fid', float('nan')):8.2f}  {st} total={total:.0f}")
     return 0
 

@@ -49,7 +49,9 @@ def run(out: Path, overrides: list[str] | None = None) -> dict:
             )
     s = _read_json(wd / "score" / "scores.json")
     if s:
-        result["scores"] = {k: s.get(k) for k in ("kid_mean", "kid_std", "domain_fid", "memorization_fraction") if k in s}
+        from .score import summary
+
+        result["scores"] = {k: v for k, v in summary(s).items() if k not in ("n_real", "n_synthetic")}
         lines.append("scores: " + ", ".join(f"{k} {v:.4g}" for k, v in result["scores"].items() if isinstance(v, (int, float))))
     result["summary"] = "\n".join(lines)
     console.info("")

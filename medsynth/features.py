@@ -35,6 +35,19 @@ FID_WEIGHTS_URLS = (
 )
 FID_ENV = "MEDSYNTH_FID_WEIGHTS"
 
+# Named domain feature extractors for ``score.domain_model``: public classifiers fine-tuned on the
+# paper's two data sets (its "KFD" / "HFD"). Both repositories exist on the Hugging Face Hub as
+# transformers ViTForImageClassification checkpoints; that the paper used exactly these is what
+# docs/paper.md records, which we could not confirm from the paper's text (see docs/evaluation.md).
+# loader: "transformers" (AutoModelForImageClassification, features = classifier-head input) or
+# "timm" (a timm hub repo, features = pre-logits). Presets load offline, from the local cache only.
+DOMAIN_PRESETS: dict[str, dict[str, str]] = {
+    "kvasir-vit": {"hf_id": "mmuratarat/kvasir-v2-classifier", "loader": "transformers",
+                   "about": "ViT-Base fine-tuned on Kvasir v2; the paper's KFD"},
+    "ham10000-vit": {"hf_id": "Anwarkh1/Skin_Cancer-Image_Classification", "loader": "transformers",
+                     "about": "ViT-Base fine-tuned on HAM10000 skin lesions; the paper's HFD"},
+}
+
 
 # ----------------------------------------------------------------------------- devices
 
@@ -297,38 +310,49 @@ def classifier_extractor(path: Path, device) -> TimmFeatures:
 
 
 class HFFeatures(Extractor):
-    """Input of the classification head of a transformers image classifier (its penultimate features)."""
+    """Input of the classification head of a transformers image classifier (its penultimate features).
 
-    def __init__(self, ref: str, device):
+    ``preset``: the DOMAIN_PRESETS name ``ref`` came from; a preset is read from the local Hugging
+    Face cache only (``local_files_only``), never downloaded.
+    """
+
+    def __init__(self, ref: str, device, preset: str | None = None):
         super().__init__(device)
+        kw = {"local_files_only": True, "cache_dir": _hub_cache()} if preset else {}
         try:
             from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-            self.processor = AutoImageProcessor.from_pretrained(ref)
-            self.model = AutoModelForImageClassification.from_pretrained(ref).to(device).eval()
-        except OSError as e:
+            self.processor = AutoImageProcessor.from_pretrained(ref, **kw)
+            self.model = AutoModelForImageClassification.from_pretrained(ref, **kw).to(device).eval()
+        except (OSError, ValueError) as e:
+            if preset:
+                raise _preset_missing(preset, e) from None
             raise UserError(
                 f"score.domain_model: {ref!r} could not be loaded as a timm model or a Hugging Face image classifier "
                 f"(local directory or hub id; cache {_cache_hint()}; HF_HUB_OFFLINE="
                 f"{os.environ.get('HF_HUB_OFFLINE', '')!r}): {str(e)[:300]}. Fix: download it on a machine with internet "
-                f"(`hf download {ref}`) and copy the cache, give a local directory, or set score.domain_model: null to "
-                "use the workspace's real-only classifier.") from None
+                f"(`hf download {ref}`) and copy the cache, give a local directory, use a preset "
+                f"({', '.join(DOMAIN_PRESETS)}), or set score.domain_model: null to use the workspace's real-only "
+                "classifier.") from None
         head = getattr(self.model, "classifier", None)
         if head is None:
             raise UserError(f"score.domain_model: {ref!r} has no `classifier` head module, so its penultimate features "
                             "cannot be located; use a timm model or an *ForImageClassification checkpoint")
         self._captured = None
         head.register_forward_pre_hook(self._hook)
-        self.id = f"hf {ref} (classifier-head input)"
+        self.id = f"{preset + ' = ' if preset else ''}hf {ref} (classifier-head input)"
         local = Path(ref)
-        wfile = next((local / n for n in ("model.safetensors", "pytorch_model.bin") if (local / n).is_file()), None) \
-            if local.is_dir() else None
+        names = ("model.safetensors", "pytorch_model.bin")
+        wfile = next((local / n for n in names if (local / n).is_file()), None) if local.is_dir() else None
         if wfile is None:
             try:
                 from huggingface_hub import try_to_load_from_cache
 
-                c = try_to_load_from_cache(ref, "model.safetensors")
-                wfile = Path(c) if isinstance(c, str) else None
+                for n in names:
+                    c = try_to_load_from_cache(ref, n, cache_dir=kw.get("cache_dir"))
+                    if isinstance(c, str):
+                        wfile = Path(c)
+                        break
             except Exception:  # only for the provenance record
                 wfile = None
         self.weights = str(wfile) if wfile else ref
@@ -354,11 +378,50 @@ def real_classifier_path(workdir: Path) -> Path:
     return path
 
 
+def _hub_cache() -> str:
+    # Read at call time (not import time) so that HF_HUB_CACHE / HF_HOME set by the caller count.
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _preset_missing(name: str, err: Exception) -> UserError:
+    p = DOMAIN_PRESETS[name]
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return UserError(
+        f"score.domain_model: preset {name!r} is the Hugging Face model {p['hf_id']!r}, which is not in the local "
+        f"cache {_hub_cache()} ({type(err).__name__}: {first}); presets are loaded offline, from the cache only. "
+        f"Fix: on a machine with internet run `hf download {p['hf_id']}` and copy the cache here (or point HF_HOME / "
+        f"HF_HUB_CACHE at it), or set score.domain_model to a local directory holding that model, or to null to use "
+        "the workspace's real-only classifier.")
+
+
+def preset_extractor(name: str, device) -> Extractor:
+    """The extractor of a DOMAIN_PRESETS entry, read from the local Hugging Face cache only."""
+    p = DOMAIN_PRESETS[name]
+    if p["loader"] == "transformers":
+        return HFFeatures(p["hf_id"], device, preset=name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(p["hf_id"], cache_dir=_hub_cache(), local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise _preset_missing(name, e) from None
+    model = create_timm_model(f"local-dir:{local}", pretrained=True, pretrained_path=None, num_classes=None,
+                              key="score.domain_model")
+    mean, std = timm_norm(model)
+    size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    wf = next((str(local / n) for n in ("model.safetensors", "pytorch_model.bin") if (local / n).is_file()), None)
+    return TimmFeatures(model, size, mean, std, f"{name} = timm hf-hub:{p['hf_id']} (pre-logits)", wf, device)
+
+
 def domain_extractor(score_cfg, workdir: Path, device) -> Extractor:
-    """The domain feature extractor for domain FID: the real-only classifier, or the recipe's model."""
+    """The domain feature extractor for domain FID: the real-only classifier, a preset, or the recipe's model."""
     name = score_cfg.domain_model
     if name is None:
         return classifier_extractor(real_classifier_path(workdir), device)
+    if name in DOMAIN_PRESETS:
+        return preset_extractor(name, device)
     import timm
 
     local = Path(name).expanduser()
@@ -379,6 +442,128 @@ def domain_extractor(score_cfg, workdir: Path, device) -> Extractor:
         size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
         return TimmFeatures(model, size, mean, std, f"timm {name}", score_cfg.domain_pretrained_path, device)
     return HFFeatures(name, device)
+
+
+# ----------------------------------------------------------------------------- DINOv2 (FD_DINOv2)
+
+# dgm-eval (Stein et al. 2023, layer6ai-labs/dgm-eval, dgm_eval/models/dinov2.py) feeds DINOv2 a
+# PIL image resized to 224 x 224 with bicubic interpolation, scaled to [0, 1] and normalised with
+# the ImageNet mean / std, and takes the model's output = the final-norm [CLS] token. We do the
+# same with timm's DINOv2 port: eval_transform(224, ImageNet mean/std) and pre-logits features
+# of a model with global_pool='token' (the normed [CLS] token). One difference remains: timm
+# resamples the 518-px position embeddings to 224 once when loading (bicubic), while the torch
+# hub model interpolates them at every forward; values can differ slightly from dgm-eval's.
+DINOV2_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _dinov2_how(name: str) -> str:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None) or f"timm/{name}"
+    return (f"to compute it, run `hf download {hub}` on a machine with internet and copy the Hugging Face cache "
+            f"here ({_hub_cache()}), or set score.dinov2_pretrained_path to a local weights file (timm or the "
+            f"original DINOv2 .pth) or a timm model directory; score.dinov2_model: null skips FD_DINOv2")
+
+
+def _model_args(config: Path, architecture: str) -> dict:
+    """``model_args`` of a timm config.json beside the weights (timm's hf-hub loader honours them too)."""
+    if not config.is_file():
+        return {}
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return {}
+    if cfg.get("architecture") not in (None, architecture):
+        return {}
+    return dict(cfg.get("model_args") or {})
+
+
+def find_dinov2_weights(name: str, pretrained_path: str | None) -> Path | None:
+    """The local weights of timm model ``name``: score.dinov2_pretrained_path, else the HF cache, else
+    torch hub's checkpoint cache; None when there are none. Never downloads anything."""
+    from timm.models import get_pretrained_cfg
+
+    if pretrained_path:
+        p = Path(pretrained_path).expanduser()
+        if p.is_dir():
+            p = next((p / n for n in _WEIGHT_NAMES if (p / n).is_file()), p / _WEIGHT_NAMES[0])
+        if not p.is_file():
+            raise UserError(f"score.dinov2_pretrained_path: {p} does not exist; give the weights file of {name!r} "
+                            f"(.safetensors / .pth / .bin) or a directory holding {' or '.join(_WEIGHT_NAMES)}, "
+                            "or set it to null to use the Hugging Face / torch hub cache")
+        return p
+    cfg = get_pretrained_cfg(name)
+    hub = getattr(cfg, "hf_hub_id", None)
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+
+        for n in _WEIGHT_NAMES:
+            c = try_to_load_from_cache(hub, n, cache_dir=_hub_cache())
+            if isinstance(c, str) and Path(c).is_file():
+                return Path(c)
+    url = getattr(cfg, "url", None)
+    if url:  # where timm / torch.hub.load_state_dict_from_url put the original DINOv2 checkpoint
+        import torch
+
+        c = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        if c.is_file():
+            return c
+    return None
+
+
+class DINOv2Features(Extractor):
+    """The normed [CLS] token of a timm DINOv2 ViT at 224 px (dgm-eval's preprocessing, see above)."""
+
+    def __init__(self, name: str, weights: Path, device):
+        super().__init__(device)
+        import timm
+
+        arch = name.split(".")[0]
+        args = _model_args(weights.parent / "config.json", arch)
+        args.update(img_size=DINOV2_SIZE, num_classes=0, global_pool="token")
+        try:
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **args)
+        except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+            raise UserError(f"score.dinov2_model {name!r}: {weights} could not be loaded into it "
+                            f"({type(e).__name__}: {str(e)[:300]}); check that the file holds weights of this "
+                            "DINOv2 variant (score.dinov2_pretrained_path / score.dinov2_model)") from None
+        self.model = model.to(device).eval()
+        self.tf = eval_transform(DINOV2_SIZE, IMAGENET_MEAN, IMAGENET_STD)
+        self.id = f"dinov2 timm {name} ({DINOV2_SIZE} px, [CLS] {model.num_features}-d)"
+        self.weights = str(weights)
+        self.sha256 = sha256_file(weights)
+        self.dim = model.num_features
+
+    def _batch(self, images):
+        import torch
+
+        x = torch.stack([self.tf(im) for im in images]).to(self.device)
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def dinov2_extractor(score_cfg, device) -> tuple[Extractor | None, str | None]:
+    """(extractor, None) when DINOv2 weights are local, else (None, a note naming how to get them).
+
+    A misconfiguration (not a DINOv2 name, a missing score.dinov2_pretrained_path) is a UserError;
+    weights merely absent from the caches are not: FD_DINOv2 is then skipped with the note.
+    """
+    name = getattr(score_cfg, "dinov2_model", "vit_base_patch14_dinov2.lvd142m")
+    path = getattr(score_cfg, "dinov2_pretrained_path", None)
+    if not name:
+        return None, "FD_DINOv2 not computed: score.dinov2_model is null"
+    import timm
+
+    if not timm.is_model(name) or "dinov2" not in name:
+        raise UserError(f"score.dinov2_model: {name!r} is not a timm DINOv2 model; use one of "
+                        f"{', '.join(timm.list_pretrained('*dinov2*'))}, or null to skip FD_DINOv2")
+    weights = find_dinov2_weights(name, path)
+    if weights is None:
+        return None, f"FD_DINOv2 not computed: no local weights for {name!r} (never downloaded); {_dinov2_how(name)}"
+    return DINOv2Features(name, weights, device), None
 
 
 def extract(extractor: Extractor, load, n: int, batch_size: int, desc: str) -> np.ndarray:

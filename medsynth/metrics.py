@@ -37,6 +37,8 @@ kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets of size m::
 
     MMD^2_u = 1/(m(m-1)) sum_{i!=j} k(x_i,x_j) + 1/(m(m-1)) sum_{i!=j} k(y_i,y_j)
               - 2/m^2 sum_{i,j} k(x_i,y_j)
+
+Precision / recall / density / coverage (``prdc``) are defined there.
 """
 
 from __future__ import annotations
@@ -216,3 +218,86 @@ def wasserstein1_hist(h1, h2, bin_width: float) -> float:
     if a.sum() <= 0 or b.sum() <= 0:
         raise ValueError("empty histogram")
     return float(bin_width * np.abs(np.cumsum(a / a.sum()) - np.cumsum(b / b.sum())).sum())
+
+
+def prdc(real, fake, k: int = 5, chunk_rows: int | None = None) -> dict:
+    """Precision, recall (Kynkäänniemi et al. 2019), density and coverage (Naeem et al. 2020).
+
+    Real samples X = {x_i} (n), fake samples Y = {y_j} (m), Euclidean distances d. Each sample
+    gets a k-NN ball B(x, r_k(x)), r_k(x) = distance from x to its k-th nearest neighbour in its
+    own set, the sample itself excluded (a duplicate of x counts as a neighbour at distance 0)::
+
+        precision = 1/m sum_j 1[ y_j in U_i B(x_i, r_k(x_i)) ]     fake samples on the real manifold
+        recall    = 1/n sum_i 1[ x_i in U_j B(y_j, r_k(y_j)) ]     real samples on the fake manifold
+        density   = 1/(k m) sum_j sum_i 1[ y_j in B(x_i, r_k(x_i)) ]
+        coverage  = 1/n sum_i 1[ nn_Y(x_i) in B(x_i, r_k(x_i)) ]     nn_Y(x) = the fake sample nearest to x
+
+    Density and coverage use only the real balls, so a few outlying real samples do not inflate
+    them the way they inflate precision; density is not bounded by 1 (fake samples packed where
+    real ones are dense score > 1). For two independent samples of one distribution E[density] = 1.
+
+    Ball membership: ``y in B(x, r)`` iff d(x, y) < r or d(x, y) = 0. The strict inequality is the
+    one of the published reference implementation (Naeem et al.'s code, which dgm-eval copies), so
+    values agree with it on data without ties, and a set compared with itself gets precision =
+    recall = coverage = density = 1 (each ball holds its centre and k - 1 strictly closer points).
+    The d = 0 clause makes a ball always hold its centre: a point with >= k exact duplicates has
+    radius 0, and its copies still count as on the manifold (the reference counts them as off).
+
+    Distances: float64 squared-norm expansion |a|^2 + |b|^2 - 2 a.b (sklearn's
+    ``euclidean_distances``, BLAS matrix products), in row chunks of bounded memory. The expansion
+    does not give exactly 0 for identical points, nor bitwise-equal values for equal distances
+    computed at different matrix positions; both matter for ties and duplicates. So the distances
+    are computed between the *distinct* rows of real + fake (``np.unique``), the self-distance of
+    each distinct row is set to 0, and every pair of samples reads the one entry of its two
+    distinct rows: identical samples in either set behave identically and ties stay ties.
+
+    Cost: (number of distinct rows) x (n + m) distances of dimension d, ``chunk_rows`` distinct rows
+    at a time (default: blocks of about 32 MiB). Returns plain floats.
+    Raises ValueError when k < 1 or k >= n or k >= m (each sample needs k other samples).
+    """
+    from sklearn.metrics.pairwise import euclidean_distances
+
+    x = _as_features(real, "real")
+    y = _as_features(fake, "fake")
+    n, m = x.shape[0], y.shape[0]
+    if y.shape[1] != x.shape[1]:
+        raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    k = int(k)
+    if k < 1 or k >= n or k >= m:
+        raise ValueError(f"precision/recall/density/coverage with k={k} need more than k samples in each set "
+                         f"(k-th neighbour of each sample among the others); got {n} real and {m} fake; "
+                         f"use a k below {min(n, m)} or more samples")
+    uniq, inv = np.unique(np.vstack([x, y]), axis=0, return_inverse=True)
+    inv = inv.ravel()
+    inv_r, inv_f = inv[:n], inv[n:]
+    count_r = np.bincount(inv_r, minlength=uniq.shape[0])
+    count_f = np.bincount(inv_f, minlength=uniq.shape[0])
+    sq = np.einsum("ij,ij->i", uniq, uniq)
+
+    precise = np.zeros(m, dtype=bool)  # fake j inside some real ball
+    density_hits = np.zeros(m, dtype=np.float64)  # number of real balls (with multiplicity) holding fake j
+    recalled = np.zeros(n, dtype=bool)  # real i inside some fake ball
+    covered = np.zeros(uniq.shape[0], dtype=bool)  # distinct real row whose ball holds its nearest fake
+
+    u = uniq.shape[0]
+    chunk = chunk_rows or max(1, min(u, (1 << 22) // max(1, u + n + m)))  # ~32 MiB per float64 block
+    for s in range(0, u, chunk):
+        e = min(u, s + chunk)
+        dist = euclidean_distances(uniq[s:e], uniq, X_norm_squared=sq[s:e, None], Y_norm_squared=sq[None, :])
+        dist[np.arange(e - s), np.arange(s, e)] = 0.0
+        to_r, to_f = dist[:, inv_r], dist[:, inv_f]  # (rows, n), (rows, m): one entry per sample
+        is_r, is_f = count_r[s:e] > 0, count_f[s:e] > 0
+        if is_r.any():
+            d_rf = to_f[is_r]
+            # (k+1)-th smallest of the row over the real set = k-th neighbour, the row's own zero skipped.
+            rad = np.partition(to_r[is_r], k, axis=1)[:, k]
+            inside = (d_rf < rad[:, None]) | (d_rf == 0.0)
+            precise |= inside.any(axis=0)
+            density_hits += count_r[s:e][is_r] @ inside
+            covered[np.arange(s, e)[is_r]] = inside.any(axis=1)
+        if is_f.any():
+            d_fr = to_r[is_f]
+            rad = np.partition(to_f[is_f], k, axis=1)[:, k]
+            recalled |= ((d_fr < rad[:, None]) | (d_fr == 0.0)).any(axis=0)
+    return {"precision": float(precise.mean()), "recall": float(recalled.mean()),
+            "density": float(density_hits.sum() / (k * m)), "coverage": float(covered[inv_r].mean())}

@@ -4,18 +4,26 @@ Reference sets (the paper's protocol): distribution metrics (FID, KID, domain FI
 compare the synthetic set with the **real test split**; memorization compares every synthetic
 image with the **real train split** (the images the generator was fine-tuned on).
 
-- FID: Fréchet distance of FID-Inception-v3 pool features (needs the standard weights file).
-- KID: unbiased MMD^2, cubic polynomial kernel, seeded subsets of min(kid_subset_size, n);
-  on the Inception features, or on the domain features when FID is off.
+- FID (``fid_inception``): Fréchet distance of FID-Inception-v3 pool features (needs the
+  standard weights file).
+- KID: unbiased MMD^2, cubic polynomial kernel, seeded subsets of min(kid_subset_size, n); on the
+  Inception features (``kid_inception_mean``/``_std``), or on the domain features when FID is off
+  (``kid_domain_mean``/``_std``): a different number, so it carries a different name.
 - Domain FID (the paper's KFD/HFD): Fréchet distance on a domain classifier's penultimate
   features: the workspace's real-only classifier, or score.domain_model.
 - Colour: per-channel mean/std of pixels, Wasserstein-1 of the per-channel intensity and of
   the HSV saturation distributions, overall and per class.
 - Memorization: cosine similarity (features centred on the real-train mean) of every synthetic
   image to its nearest real train image; fraction above score.memorization_threshold.
+- Precision / recall / density / coverage (k-NN manifolds, k = score.prdc_k) on every feature
+  space above: ``precision_inception``, ``recall_domain``, ``coverage_dinov2``, ...: fidelity and
+  diversity separately, where FID and KID mix them.
+- FD_DINOv2 (``fd_dinov2``): Fréchet distance on DINOv2 [CLS] features (Stein et al. 2023), when
+  the DINOv2 weights are local (never downloaded); otherwise null with ``fd_dinov2_note``.
 
 Outputs in ``<workdir>/score/``: scores.json, report.md, samples.png, closest_pairs.png,
-saturation.png, config.yaml, provenance.json.
+saturation.png, config.yaml, provenance.json. Every distribution metric is named by the feature
+space it was computed in, and ``features`` maps each metric to its extractor's id.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from .workspace import atomic_path, atomic_write_json, atomic_write_text, ensure
 PER_CLASS_MIN = 10  # below this many images a class's FID/KID is noise, so it is reported as skipped
 THUMB = 256  # colour statistics are computed on images shrunk to this longest side (bounded cost)
 N_PAIRS = 8  # closest synthetic/real pairs drawn in closest_pairs.png
+PRDC = ("precision", "recall", "density", "coverage")
+SPACES = ("inception", "domain", "dinov2")  # feature spaces in the order reports list them
+_SPACE_NAME = {"inception": "Inception-v3", "domain": "domain features", "dinov2": "DINOv2"}
 
 
 # ----------------------------------------------------------------------------- colour
@@ -200,28 +211,71 @@ def _fmt(v, digits=4):
     return str(v)
 
 
+def _kid_key(scores: dict) -> str:
+    """'kid_inception' or 'kid_domain': the KID entries of this scores.json."""
+    return "kid_inception" if "kid_inception_mean" in scores else "kid_domain"
+
+
+_SPACE = {"kid_inception": "Inception-v3 features", "kid_domain": "domain features (not comparable with Inception KID)"}
+
+
+def summary(scores: dict) -> dict:
+    """The headline numbers for ``medsynth score --json``, each named by its feature space."""
+    k = _kid_key(scores)
+    prdc = [f"{m}_{sp}" for sp in SPACES for m in PRDC]
+    keys = ("fid", "fid_inception", f"{k}_mean", f"{k}_std", "domain_fid", "fd_dinov2", *prdc, "prdc_k",
+            "memorization_fraction", "n_real", "n_synthetic")
+    return {**{key: scores[key] for key in keys if key in scores}, "features": scores.get("features")}
+
+
 def _report(scores: dict, names: list[str]) -> str:
     L = ["# medsynth score report", "",
          f"Synthetic images: {scores['n_synthetic']}; real reference (test split): {scores['n_real']}; "
          f"real train images (memorization): {scores['n_real_train']}.", "",
          "## Summary", "", "| metric | value | features |", "|---|---|---|"]
     ex = scores["extractors"]
-    L.append(f"| FID | {_fmt(scores['fid'])} | {ex['fid_inception']['id'] if ex.get('fid_inception') else 'off (score.fid: false)'} |")
-    L.append(f"| KID (mean ± std, subset {scores['kid_subset_size']}, {scores['kid_subsets']} subsets) | "
-             f"{_fmt(scores['kid_mean'])} ± {_fmt(scores['kid_std'])} | {scores['kid_features']} |")
+    kk = _kid_key(scores)
+    if "fid_inception" in scores:
+        L.append(f"| FID (Inception-v3) | {_fmt(scores['fid_inception'])} | {ex['fid_inception']['id']} |")
+    L.append(f"| KID on {_SPACE[kk]} (`{kk}`; mean ± std, subset {scores['kid_subset_size']}, "
+             f"{scores['kid_subsets']} subsets) | {_fmt(scores[kk + '_mean'])} ± {_fmt(scores[kk + '_std'])} | "
+             f"{scores['kid_features']} |")
     L.append(f"| domain FID | {_fmt(scores['domain_fid'])} | {ex['domain']['id']} |")
+    dino = ex.get("dinov2")
+    L.append(f"| FD_DINOv2 | {_fmt(scores.get('fd_dinov2'))} | {dino['id'] if dino else 'not computed (see below)'} |")
     m = scores["memorization"]
     L.append(f"| memorization (cosine > {m['threshold']}) | {_fmt(scores['memorization_fraction'])} "
              f"({m['n_above']} of {scores['n_synthetic']}) | {m['features']} |")
-    L += ["", "Lower is better for FID, KID and domain FID. Values from different sample sizes are not comparable "
-          "(FID is biased upward for small sets).", "",
-          "## Per class", "", "| class | n real | n synthetic | FID | KID | domain FID |", "|---|---|---|---|---|---|"]
+    if "fid_inception" not in scores:
+        L += ["", scores["fid_note"] + "."]
+    if scores.get("fd_dinov2_note"):
+        L += ["", scores["fd_dinov2_note"] + "."]
+    L += ["", "Lower is better for FID, KID, domain FID and FD_DINOv2. Values from different sample sizes are not "
+          "comparable (FID is biased upward for small sets).", ""]
+    L += [f"## Fidelity and diversity (k-NN manifolds, k = {scores['prdc_k']})", "",
+          "Precision and density: are synthetic images where real ones are (fidelity). Recall and coverage: are "
+          "the real images' modes reproduced (diversity). 1 is ideal for all four; density can exceed 1.", "",
+          "| feature space | precision | recall | density | coverage | features |", "|---|---|---|---|---|---|"]
+    for sp in SPACES:
+        if f"precision_{sp}" in scores:
+            L.append(f"| {_SPACE_NAME[sp]} (`*_{sp}`) | " + " | ".join(_fmt(scores[f"{m}_{sp}"]) for m in PRDC)
+                     + f" | {scores['features'][f'precision_{sp}']} |")
+    if scores.get("prdc_note"):
+        L += ["", scores["prdc_note"]]
+    L += ["", "## Per class", ""]
+    fid_col = ["FID (Inception-v3)"] if "fid_inception" in scores else []
+    gs = kk.split("_", 1)[1]  # the general feature space: PRDC columns of the same space as KID
+    pr_cols = [f"{m} ({gs})" for m in PRDC]
+    cols = ["class", "n real", "n synthetic", *fid_col, f"KID ({kk})", "domain FID", *pr_cols]
+    L += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for n in names:
         pc = scores["per_class"].get(n)
         if pc is None:
             continue
-        L.append(f"| {n} | {pc['n_real']} | {pc['n_synthetic']} | {_fmt(pc.get('fid'))} | {_fmt(pc.get('kid_mean'))} | "
-                 f"{_fmt(pc.get('domain_fid'))} |")
+        fid_cell = [_fmt(pc.get("fid_inception"))] if fid_col else []
+        L.append("| " + " | ".join([n, str(pc["n_real"]), str(pc["n_synthetic"]), *fid_cell,
+                                    _fmt(pc.get(kk + "_mean")), _fmt(pc.get("domain_fid")),
+                                    *(_fmt(pc.get(f"{m}_{gs}")) for m in PRDC)]) + " |")
     if scores["per_class_skipped"]:
         L += ["", "Skipped classes:"] + [f"- {k}: {v}" for k, v in scores["per_class_skipped"].items()]
     L += ["", "## Colour fidelity", "",
@@ -252,8 +306,11 @@ def _report(scores: dict, names: list[str]) -> str:
 
 def run(recipe: Recipe) -> Path:
     """Score the synthetic set against the real one; returns the path of scores.json."""
+    from .workspace import require  # a workdir that is not a workspace is refused before any write
+    require(recipe)
     from . import synthdata
-    from .features import FIDInception, domain_extractor, fid_weights_path, real_classifier_path, resolve_device
+    from .features import (FIDInception, dinov2_extractor, domain_extractor, fid_weights_path, real_classifier_path,
+                           resolve_device)
 
     s = recipe.score
     wd = recipe.workdir_path
@@ -268,6 +325,8 @@ def run(recipe: Recipe) -> Path:
     device = resolve_device(s.device)
     inception = FIDInception(fid_path, device) if fid_path else None
     domain = domain_extractor(s, wd, device)
+    dinov2, dinov2_note = dinov2_extractor(s, device)
+    prdc_k = int(getattr(s, "prdc_k", 5))
 
     idx = {n: i for i, n in enumerate(names)}
     y_real = [idx[r.label] for r in test_rows]
@@ -276,7 +335,10 @@ def run(recipe: Recipe) -> Path:
     extractors = {"domain": domain}
     if inception is not None:
         extractors["inception"] = inception
+    if dinov2 is not None:
+        extractors["dinov2"] = dinov2
     general = "inception" if inception is not None else "domain"  # KID + memorization space
+    kid_key = f"kid_{general}"  # KID on another feature space is another number: it gets another name
 
     def load_real(i):
         return read_image(test_rows[i].path)
@@ -298,6 +360,17 @@ def run(recipe: Recipe) -> Path:
     fid = metrics.frechet_distance_features(f_syn["inception"], f_real["inception"]) if inception else None
     kid_mean, kid_std, kid_m = metrics.kid(f_syn[general], f_real[general], s.kid_subset_size, s.kid_subsets, recipe.seed)
     domain_fid = metrics.frechet_distance_features(f_syn["domain"], f_real["domain"])
+    fd_dinov2 = metrics.frechet_distance_features(f_syn["dinov2"], f_real["dinov2"]) if dinov2 else None
+    prdc_scores, prdc_note = {}, None
+    for sp in (sp for sp in SPACES if sp in extractors):
+        if prdc_k >= min(len(test_rows), len(samples)):
+            # Each sample's ball is the distance to its k-th neighbour among the others of its set.
+            prdc_note = (f"precision/recall/density/coverage not computed: score.prdc_k = {prdc_k} needs more than "
+                         f"{prdc_k} real test and synthetic images, got {len(test_rows)} and {len(samples)}; lower "
+                         "score.prdc_k or score more images")
+            prdc_scores.update({f"{m}_{sp}": None for m in PRDC})
+        else:
+            prdc_scores.update({f"{m}_{sp}": v for m, v in metrics.prdc(f_real[sp], f_syn[sp], prdc_k).items()})
 
     yr, ys = np.asarray(y_real), np.asarray(y_syn)
     per_class, skipped = {}, {}
@@ -309,9 +382,13 @@ def run(recipe: Recipe) -> Path:
             continue
         a, b = {kk: v[ys == k] for kk, v in f_syn.items()}, {kk: v[yr == k] for kk, v in f_real.items()}
         km, ks, _ = metrics.kid(a[general], b[general], s.kid_subset_size, s.kid_subsets, recipe.seed)
-        per_class[name] = {"n_real": nr, "n_synthetic": ns, "kid_mean": km, "kid_std": ks,
-                           "fid": metrics.frechet_distance_features(a["inception"], b["inception"]) if inception else None,
+        per_class[name] = {"n_real": nr, "n_synthetic": ns, f"{kid_key}_mean": km, f"{kid_key}_std": ks,
                            "domain_fid": metrics.frechet_distance_features(a["domain"], b["domain"])}
+        if inception:
+            per_class[name]["fid_inception"] = metrics.frechet_distance_features(a["inception"], b["inception"])
+        if prdc_k < min(nr, ns):  # class-conditional recall / coverage: which classes lost their modes
+            for sp in (sp for sp in SPACES if sp in extractors):
+                per_class[name].update({f"{m}_{sp}": v for m, v in metrics.prdc(b[sp], a[sp], prdc_k).items()})
     if not s.per_class:
         per_class, skipped = {}, {n: "score.per_class is false" for n in names}
 
@@ -338,14 +415,24 @@ def run(recipe: Recipe) -> Path:
     _saturation_png(names, col_real, col_syn, out / "saturation.png")
 
     scores = {
-        "fid": fid,
-        "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_m, "kid_subsets": s.kid_subsets,
+        "fid": fid,  # kept for old readers: as before, the Inception FID or None when score.fid is false
+        **({"fid_inception": fid} if inception else {}),
+        f"{kid_key}_mean": kid_mean, f"{kid_key}_std": kid_std, "kid_subset_size": kid_m, "kid_subsets": s.kid_subsets,
         "kid_features": extractors[general].id,
         "domain_fid": domain_fid,
+        "fd_dinov2": fd_dinov2,
+        **({"fd_dinov2_note": dinov2_note} if dinov2 is None else {}),
+        **prdc_scores, "prdc_k": prdc_k,
+        **({"prdc_note": prdc_note} if prdc_note else {}),
+        "features": {**({"fid_inception": inception.id} if inception else {}), kid_key: extractors[general].id,
+                     "domain_fid": domain.id, **({"fd_dinov2": dinov2.id} if dinov2 else {}),
+                     **{key: extractors[key.rsplit("_", 1)[1]].id for key in prdc_scores},
+                     "memorization": extractors[general].id},
         "colour": colour,
         "memorization_fraction": n_above / len(samples),
         "memorization": {
             "threshold": s.memorization_threshold, "n_above": n_above, "features": extractors[general].id,
+            "feature_space": general,
             "similarity": "cosine of features centred on the real-train mean",
             "max_similarity": float(sims.max()), "median_similarity": float(np.median(sims)),
             "closest": [{"synthetic": samples[i].key, "real": train_rows[int(nn[i])].path, "similarity": float(sims[i])}
@@ -354,13 +441,16 @@ def run(recipe: Recipe) -> Path:
         "n_real": len(test_rows), "n_real_train": len(train_rows), "n_synthetic": len(samples),
         "n_real_per_class": {n: int((yr == k).sum()) for k, n in enumerate(names)},
         "n_synthetic_per_class": {n: int((ys == k).sum()) for k, n in enumerate(names)},
-        "reference": "real test split (FID, KID, domain FID, colour); real train split (memorization)",
+        "reference": "real test split (FID, KID, domain FID, FD_DINOv2, precision/recall/density/coverage, colour); "
+                     "real train split (memorization)",
         "per_class": per_class, "per_class_skipped": skipped,
-        "extractors": {"fid_inception": inception.describe() if inception else None, "domain": domain.describe()},
+        "extractors": {"fid_inception": inception.describe() if inception else None, "domain": domain.describe(),
+                       "dinov2": dinov2.describe() if dinov2 else None},
         "seed": recipe.seed,
     }
     if inception is None:
-        scores["fid_note"] = "FID not computed (score.fid: false); KID and memorization use the domain features"
+        scores["fid_note"] = ("FID not computed (score.fid: false); KID (kid_domain_mean/kid_domain_std) and memorization "
+                              "use the domain features, so they are not comparable with Inception-based values")
     path = atomic_write_json(out / "scores.json", scores)
     atomic_write_text(out / "report.md", _report(scores, names))
     inputs = {"manifest.csv": sha256_file(wd / "manifest.csv"),
@@ -372,6 +462,11 @@ def run(recipe: Recipe) -> Path:
             inputs[f"weights/{k}"] = e["sha256"]
     write_provenance(out, recipe, "score", inputs=inputs, config={"score": to_dict(s), "seed": recipe.seed})
     fid_txt = f"FID {fid:.3f}, " if fid is not None else ""
-    console.info(f"score: {fid_txt}KID {kid_mean:.4g} ± {kid_std:.2g}, domain FID {domain_fid:.4g}, "
-                 f"memorization {n_above}/{len(samples)} -> {path}")
+    dino_txt = f"FD_DINOv2 {fd_dinov2:.4g}, " if fd_dinov2 is not None else ""
+    pr = (f"precision/recall ({general} features) {prdc_scores[f'precision_{general}']:.3f}/"
+          f"{prdc_scores[f'recall_{general}']:.3f}, " if prdc_scores.get(f"precision_{general}") is not None else "")
+    console.info(f"score: {fid_txt}KID ({general} features) {kid_mean:.4g} ± {kid_std:.2g}, domain FID {domain_fid:.4g}, "
+                 f"{dino_txt}{pr}memorization {n_above}/{len(samples)} -> {path}")
+    from .synthesize.card import refresh  # synthetic/README.md quotes the scores of the set they were computed on
+    refresh(recipe)
     return path

@@ -230,3 +230,41 @@ def test_missing_vlm_weights_fail_before_work(assets, tmp_path, monkeypatch):
     recipe.caption.model = str(tmp_path / "nowhere" / "x" / "model")
     with pytest.raises(UserError, match="is not a directory"):
         caption_run(recipe)
+
+
+def test_missing_simplifier_fails_before_any_captioning(assets, tmp_path):
+    """Issue 13.2: an absent simplifier is found before the VLM captions anything or old captions move."""
+    from conftest import run_cli
+
+    path, recipe = _prepared(assets, tmp_path, simplify_model="medsynth-test/no-such-simplifier")
+    wd = recipe.workdir_path
+    out = caption_run(recipe, source="simple")  # the old captions (they all fit: no simplifier needed)
+    before = out.read_bytes()
+    res = run_cli("caption", str(path), env=ONE_THREAD)  # source vlm, from the recipe
+    assert res.returncode == 1, res.stderr
+    assert "caption.simplify_model" in res.stderr and "medsynth-test/no-such-simplifier" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert out.read_bytes() == before
+    assert not (wd / "caption" / "previous").exists()
+
+
+def test_simplifier_is_checked_only_when_a_known_caption_is_too_long(assets, tmp_path):
+    caps = tmp_path / "caps.jsonl"
+    _, recipe = _prepared(assets, tmp_path, source="file", file=str(caps),
+                          simplify_model="medsynth-test/no-such-simplifier")
+    wd = recipe.workdir_path
+    train = read_manifest(wd, "train")
+    caps.write_text("".join(json.dumps({"path": r.path, "caption": f"lesion {i}"}) + "\n" for i, r in enumerate(train)))
+    out = caption_run(recipe)  # every caption fits: the missing simplifier is never needed
+    before = out.read_bytes()
+    long = " ".join(["a brown lesion with an irregular border"] * 12)
+    caps.write_text("".join(json.dumps({"path": r.path, "caption": long if i == 0 else f"other {i}"}) + "\n"
+                            for i, r in enumerate(train)))
+    with pytest.raises(UserError, match="caption.simplify_model: .*no-such-simplifier"):
+        caption_run(recipe)
+    assert out.read_bytes() == before and not (wd / "caption" / "previous").exists()
+    recipe.caption.simplify_retries = 0  # no simplifier wanted: the long caption is cut instead
+    caption_run(recipe)
+    assert {r["how"] for r in _records(wd) if r["caption"].startswith("a brown")} == {"truncated"}
+    caption_run(recipe, source="stats")  # never simplifies
+    assert {r["source"] for r in _records(wd)} == {"stats"}

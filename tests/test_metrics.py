@@ -171,3 +171,119 @@ def test_wasserstein1_hist_matches_scipy():
     vals = np.arange(256) / 255.0
     ref = wasserstein_distance(vals, vals, u_weights=h1, v_weights=h2)
     assert metrics.wasserstein1_hist(h1, h2, 1 / 255.0) == pytest.approx(ref, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- precision / recall / density / coverage
+
+
+def _modes(n_modes, per_mode, seed, spread=1.0, gap=100.0):
+    """per_mode 2-D Gaussian points around each of n_modes centres gap apart on a line (gap >> spread).
+
+    Two dimensions: k-NN balls of a finite sample cover its own distribution well there, so a
+    fresh sample of the same modes scores precision ~ 1 (in high dimensions it would not).
+    """
+    rng = np.random.default_rng(seed)
+    return np.vstack([np.array([gap * i, 0.0]) + spread * rng.standard_normal((per_mode, 2)) for i in range(n_modes)])
+
+
+def test_prdc_identical_sets():
+    x = _rand_features(200, 16, 30)
+    r = metrics.prdc(x, x.copy(), k=5)
+    # Each real ball holds its centre and k - 1 strictly closer points: density exactly 1 too.
+    assert r == {"precision": 1.0, "recall": 1.0, "density": 1.0, "coverage": 1.0}
+
+
+def test_prdc_disjoint_sets_give_zero():
+    x = _rand_features(150, 8, 31)
+    y = _rand_features(120, 8, 32, shift=1000.0)
+    assert metrics.prdc(x, y, k=5) == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+@pytest.mark.parametrize("n_modes", [2, 10])
+def test_prdc_fake_covering_half_the_real_modes(n_modes):
+    real = _modes(n_modes, 100, seed=33)
+    fake = _modes(n_modes // 2, 100, seed=34)  # a fresh sample of the first half of the modes only
+    r = metrics.prdc(real, fake, k=5)
+    assert r["precision"] > 0.95
+    assert r["recall"] == pytest.approx(0.5, abs=0.03) and r["coverage"] == pytest.approx(0.5, abs=0.05)
+    assert r["density"] == pytest.approx(1.0, abs=0.2)  # where the fakes are, they are as dense as the reals
+
+
+def test_prdc_fake_collapsed_onto_one_real_point():
+    real = _rand_features(100, 6, 35)
+    fake = np.tile(real[17], (50, 1))
+    r = metrics.prdc(real, fake, k=5)
+    assert r["precision"] == 1.0
+    # Zero-radius fake balls hold only real[17] itself; one real ball holds the nearest fake.
+    assert r["recall"] == pytest.approx(1 / 100) and r["coverage"] <= 0.06
+    assert r["density"] >= 1 / 5  # every fake sits in real[17]'s ball (and in any other holding real[17])
+
+
+def test_prdc_duplicates_have_zero_radius_balls_that_hold_their_copies():
+    # Every real point occurs k + 1 times: all real radii are 0. The reference implementation's
+    # strict d < r would call exact copies of real points off the manifold.
+    base = _rand_features(20, 4, 36)
+    real = np.repeat(base, 6, axis=0)
+    r = metrics.prdc(real, base[:10].copy(), k=5)
+    assert r["precision"] == 1.0 and r["coverage"] == pytest.approx(0.5)
+    assert r["density"] == pytest.approx(6 / 5)  # 6 copies' balls hold each fake sample
+    off = metrics.prdc(real, base[:10] + 1e-3, k=5)
+    assert off["precision"] == 0.0 and off["coverage"] == 0.0
+
+
+def test_prdc_ties_on_a_lattice():
+    # 6 x 6 integer lattice, k = 4: many neighbours sit exactly at the k-th distance, and strict
+    # d < r keeps all of them out. Interior point: 4 neighbours at 1, r = 1, ball = {centre}
+    # (16 points); edge point: 3 at 1, 2 at sqrt 2, r = sqrt 2, ball = centre + 3 (16 points);
+    # corner: 2 at 1, 1 at sqrt 2, 2 at 2, r = 2, ball = centre + 3 (4 points). Against itself
+    # (listed in another order): density = (16 * 1 + 16 * 4 + 4 * 4) / (4 * 36) = 2/3, the rest 1.
+    g = np.stack(np.meshgrid(np.arange(6.0), np.arange(6.0)), axis=-1).reshape(-1, 2)
+    r = metrics.prdc(g, g[::-1].copy(), k=4)
+    assert r == {"precision": 1.0, "recall": 1.0, "density": pytest.approx(96 / 144, abs=1e-15), "coverage": 1.0}
+    # Cell centres are sqrt(1/2) < 1 from their 4 corners: each is on the real manifold.
+    shifted = metrics.prdc(g, (g + 0.5)[:25].copy(), k=4)
+    assert shifted["precision"] == 1.0
+
+
+def test_prdc_permutation_translation_and_scale_invariance():
+    x, y = _rand_features(120, 10, 37), _rand_features(90, 10, 38, shift=0.4, scale=1.2)
+    base = metrics.prdc(x, y, k=3)
+    assert 0 < base["precision"] < 1 and 0 < base["recall"] < 1 and 0 < base["coverage"] < 1
+    rng = np.random.default_rng(0)
+    assert metrics.prdc(x[rng.permutation(120)], y[rng.permutation(90)], k=3) == base
+    moved = metrics.prdc(x + 3.0, y + 3.0, k=3)
+    assert moved == pytest.approx(base, abs=1.5 / 90)  # at most one boundary case may flip by round-off
+    assert metrics.prdc(4.0 * x, 4.0 * y, k=3) == base  # powers of two scale exactly
+    swapped = metrics.prdc(y, x, k=3)  # the roles swap: precision <-> recall
+    assert swapped["precision"] == base["recall"] and swapped["recall"] == base["precision"]
+
+
+def test_prdc_small_chunks_agree():
+    """The row-chunked pass gives the same numbers whatever the chunk size."""
+    x, y = _rand_features(80, 6, 39), _rand_features(70, 6, 40, shift=0.3)
+    whole = metrics.prdc(x, y, k=4)
+    for rows in (1, 7, 64):
+        assert metrics.prdc(x, y, k=4, chunk_rows=rows) == whole
+
+
+def test_prdc_rejects_k_too_large_and_bad_input():
+    x = _rand_features(6, 3, 41)
+    with pytest.raises(ValueError, match="k=6 need more than k samples.*6 real and 10 fake"):
+        metrics.prdc(x, _rand_features(10, 3, 42), k=6)
+    with pytest.raises(ValueError, match="k=5"):
+        metrics.prdc(_rand_features(10, 3, 42), x[:5], k=5)
+    with pytest.raises(ValueError, match="k=0"):
+        metrics.prdc(x, x, k=0)
+    with pytest.raises(ValueError, match="dimensions differ"):
+        metrics.prdc(x, np.zeros((8, 4)), k=2)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.prdc(x, np.full((8, 3), np.nan), k=2)
+
+
+def test_prdc_agrees_with_reference_implementation():
+    """The `prdc` package (Naeem et al.'s code; not a dependency) on tie-free data."""
+    ref = pytest.importorskip("prdc")
+    x, y = _rand_features(200, 20, 43), _rand_features(180, 20, 44, shift=0.3, scale=0.9)
+    for k in (1, 3, 5):
+        want = ref.compute_prdc(real_features=x, fake_features=y, nearest_k=k)
+        assert metrics.prdc(x, y, k=k) == pytest.approx({key: float(v) for key, v in want.items()}, abs=1e-12)

@@ -13,8 +13,8 @@ covers exactly are referenced here instead of being run twice (the whole default
 | model.base: local dir without transformer/        | test_tiny_backbone.py::test_check_base_local_dir_missing_transformer   |
 | model.base: hub id not cached, HF_HUB_OFFLINE=1   | test_tiny_backbone.py::test_hub_id_not_cached_offline (+ stages below) |
 | caption.model (vlm) missing, before any work      | test_caption.py::test_missing_vlm_weights_fail_before_work             |
-| caption.simplify_model missing (loaded lazily,    | test_caption_text.py::test_simplifier_missing_weights_is_a_user_error  |
-|   only when a caption is over the token limit)    |                                                                        |
+| caption.simplify_model missing (checked up front | test_caption_text.py::test_simplifier_missing_weights_is_a_user_error  |
+|   whenever a caption may need it)                 |                                                                        |
 | classify pretrained timm weights offline          | test_classify.py::test_pretrained_weights_missing_offline_is_a_user_error (+ stage below) |
 | score.fid_weights missing, before any work        | test_score.py::test_missing_fid_weights_fail_before_any_work           |
 | score.domain_model: timm name not cached          | test_score.py::test_missing_domain_classifier_names_the_fix            |

@@ -76,6 +76,8 @@ def _backup(out: Path, stage_dir: Path, why: str) -> None:
 
 def run(recipe: Recipe, source: str | None = None, all_splits: bool = False, fresh: bool = False) -> Path:
     """Caption the train images (every image with ``all_splits``); return the captions.jsonl path."""
+    from ..workspace import require  # a workdir that is not a workspace is refused before any write
+    require(recipe)
     read_classes(recipe.workdir_path)  # no workspace yet: say "run prepare" before creating anything
     stage_dir = ensure_dir(Path(recipe.workdir_path) / "caption")
     with store.exclusive(stage_dir / ".lock"):
@@ -105,7 +107,8 @@ def _run(recipe: Recipe, source: str | None, all_splits: bool, fresh: bool) -> P
     settings = _settings(recipe, src, categories)
     sig = sha256_json(settings)[:16]
 
-    existing = store.read(out)
+    # Read without repairing: nothing in captions.jsonl may change before every model is checked.
+    existing = store.read(out, repair=False)
     restart = None  # why the existing captions cannot be kept
     if existing and fresh:
         restart = "--fresh was given"
@@ -126,14 +129,19 @@ def _run(recipe: Recipe, source: str | None, all_splits: bool, fresh: bool) -> P
                  f"{len(rows) - len(todo_keys)} already captioned, source {src}")
 
     # Everything that can fail for want of a file or weights fails here, before any work (and
-    # before old captions are moved aside).
+    # before old captions are moved aside): the base tokenizer, the VLM, and the simplifier
+    # whenever this run might call it.
     counter = TokenCounter(_tokenizer(recipe), recipe.model.max_text_tokens)
     produce = _make_source(recipe, src, rows, categories) if todo_keys else None
     from .simplify import Simplifier
 
     simplifier = Simplifier(recipe)
+    if todo_keys and _may_simplify(recipe, src, rows, todo_keys, categories, produce, counter):
+        simplifier.load()
     if restart:
         _backup(out, stage_dir, restart)
+    elif out.is_file():
+        store.read(out)  # now cut off a line torn by a killed run, before appending after it
     write_provenance(stage_dir, recipe, "caption", config=settings, complete=False,
                      inputs={"manifest.csv": sha256_file(workdir / "manifest.csv")})
 
@@ -220,6 +228,31 @@ def _make_source(recipe: Recipe, src: str, rows, categories):
     return None
 
 
+def _simplify_retries(recipe: Recipe, src: str) -> int:
+    # 'stats' is weight-free and its sentences come most-important-first: cut, never load a simplifier.
+    return 0 if src == "stats" else recipe.caption.simplify_retries
+
+
+def _may_simplify(recipe: Recipe, src: str, rows, todo_keys, categories, produce, counter: TokenCounter) -> bool:
+    """Could this run call the simplifier? Decided up front, so that a missing one fails before any work.
+
+    Generated (VLM) text is known only after generation: any VLM run may need it. Simple, empty
+    and file captions are known now, so the simplifier is needed only if one is over the limit.
+    """
+    if _simplify_retries(recipe, src) == 0:
+        return False
+    if src == "vlm":
+        return True
+    todo = [r for r in rows if store.key(r.sha256, r.path) in todo_keys]
+    if src == "file":
+        texts = [produce[r.path] for r in todo]
+    elif src == "simple":
+        texts = [simple_caption(recipe.modality, categories[r.label]) for r in todo]
+    else:  # empty
+        texts = [""] * len(todo)
+    return any(n > counter.limit for n in counter.count(texts))
+
+
 def _caption_batch(recipe: Recipe, src: str, batch, categories, produce, counter: TokenCounter,
                    simplifier, sig: str) -> list[dict]:
     from ..images import read_image
@@ -246,9 +279,7 @@ def _caption_batch(recipe: Recipe, src: str, batch, categories, produce, counter
         extra = [{"model": recipe.caption.model, "generations": n} for _, _, n in res]
     # User captions (file) need not start with the class prefix; generated ones keep it when shortened.
     keep = [None if src in ("file", "empty") else p for p in prefixes]
-    # 'stats' is weight-free and its sentences come most-important-first: cut, never load a simplifier.
-    retries = 0 if src == "stats" else recipe.caption.simplify_retries
-    fitted = fit([t for t, _ in raw], keep, counter, simplifier, retries)
+    fitted = fit([t for t, _ in raw], keep, counter, simplifier, _simplify_retries(recipe, src))
     texts = [t for t, _ in fitted]
     n_tokens = counter.count(texts)
     records = []

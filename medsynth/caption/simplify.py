@@ -4,8 +4,12 @@ Over the limit, a caption is rewritten by a seq2seq model prompted ``simplify: {
 Med-Art), asking for 75-100 % of the limit (90-120 tokens for PixArt's 120). Each retry asks for
 a shorter output. When no attempt fits (or the result lost its content), the *original* caption
 is cut at its last sentence boundary under the limit (then a word boundary): the VLM's own
-words are worth more than a poor paraphrase. The model is loaded only when a caption is too
-long, so runs whose captions all fit never touch it.
+words are worth more than a poor paraphrase.
+
+The caption stage loads the model before it captions anything whenever the run might call it
+(every VLM run with ``simplify_retries > 0``; a simple/empty/file run only when one of its known
+captions is over the limit; never for 'stats'), so a missing simplifier fails before any work
+instead of after the first batch.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from .text import TokenCounter, clean, cut_to_fit, ensure_prefix, has_prefix
 
 
 class Simplifier:
-    """Lazily loaded seq2seq rewriter (AutoModelForSeq2SeqLM + AutoTokenizer)."""
+    """Seq2seq rewriter (AutoModelForSeq2SeqLM + AutoTokenizer); ``load()`` is idempotent."""
 
     def __init__(self, recipe):
         self.ref = recipe.caption.simplify_model
