@@ -298,3 +298,18 @@ def test_tiny_rejects_resolution_off_the_grid(built):
     bad = _recipe(Path(r.data.root), r.workdir_path, "model.resolution=36")
     with pytest.raises(UserError, match="multiple of 8"):
         loading.resolve_base(bad)
+
+
+def test_autoencoder_choice_keys_the_cache_and_picks_the_vae_class(built, comps):
+    import json
+
+    r, base = built
+    info = json.loads((base / tiny.INFO_FILE).read_text())
+    assert info["format"] == tiny.TINY_FORMAT >= 3 and info["vae"]["autoencoder"] == "fitted"
+    assert type(comps.vae).__name__ == "AutoencoderKL"
+    kw = {"subfolder": "vae", "revision": None, "local_files_only": True}
+    assert loading._vae_class(str(base), kw).__name__ == "AutoencoderKL"
+    taef2 = _recipe(Path(r.data.root), r.workdir_path, "model.tiny.autoencoder=taef2")
+    assert tiny.base_dir(taef2) != base
+    assert (tiny.vae_factor(taef2.model.tiny), tiny.latent_channels(taef2.model.tiny), tiny.dit_patch_size(taef2.model.tiny)) == (8, 32, 1)
+    assert tiny.transformer_config(taef2)["patch_size"] == 1 and tiny.transformer_config(r)["patch_size"] == 2

@@ -9,9 +9,13 @@ What it is (see docs/models.md for the numbers):
   the ``wi_0``/``wi_1`` LoRA targets exist), randomly initialised.
 - ``tokenizer/``: a real ``T5Tokenizer`` (Unigram, pad 0 / eos 1 / unk 2 like T5) trained with the
   ``tokenizers`` library on an embedded English caption corpus plus the recipe's own texts.
-- ``vae/``: a real ``AutoencoderKL`` *fitted* to the prepared train images, because a random
-  autoencoder cannot give recognisable images; its latents are centred (folded into the 1x1 quant
-  convolutions) and ``scaling_factor`` is measured so scaled latents have unit standard deviation.
+- ``vae/``: with ``model.tiny.autoencoder: fitted`` (default) a real ``AutoencoderKL`` *fitted* to the
+  prepared train images, because a random autoencoder cannot give recognisable images; its latents
+  are centred (folded into the 1x1 quant convolutions) and ``scaling_factor`` is measured so scaled
+  latents have unit standard deviation. With ``taef2``: the pretrained TAEF2 tiny autoencoder
+  shipped with medsynth (``taef2.AutoencoderTAEF2``, 32 latent channels at 1/8 size, no fitting),
+  its latents centred per channel and scaled the same way, measured on the train images; the DiT
+  then uses patch size 1 (see ``dit_patch_size``).
 - ``scheduler/``: ``DPMSolverMultistepScheduler`` with the configuration of PixArt-XL-2-512x512, except
   ``prediction_type`` (``model.tiny.prediction_type``, v-prediction by default): see ``scheduler_config``.
 
@@ -39,8 +43,12 @@ from ..workspace import _os_error, atomic_write_json, ensure_dir, sha256_json
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 # Bump when the build changes in a way that makes old cached bases wrong.
-TINY_FORMAT = 2  # 2: prediction_type from model.tiny (v-prediction by default)
+TINY_FORMAT = 3  # 2: prediction_type from model.tiny (v-prediction by default); 3: model.tiny.autoencoder
 INFO_FILE = "medsynth_tiny.json"
+
+# TAEF2's fixed geometry (medsynth/models/taef2.py), here so resolving the cache key imports no torch.
+TAEF2_LATENT_CHANNELS = 32
+TAEF2_FACTOR = 8
 
 # scheduler/scheduler_config.json of PixArt-alpha/PixArt-XL-2-512x512 (the 1024-MS model uses the same).
 PIXART_SCHEDULER = {
@@ -138,17 +146,24 @@ def tokenizer_inputs(recipe) -> dict:
     }
 
 
+_FITTED_ONLY = ("vae_channels", "latent_channels", "vae_fit_steps", "vae_fit_batch", "vae_fit_crop")
+
+
 def base_inputs(recipe) -> dict:
     """Everything the whole tiny base depends on (its cache key)."""
     from ..data import read_manifest
 
     rows = read_manifest(recipe.workdir_path, "train")
     if not rows:
-        raise UserError(f"{recipe.workdir_path / 'manifest.csv'} has no train images; the tiny base fits its VAE to them. "
+        raise UserError(f"{recipe.workdir_path / 'manifest.csv'} has no train images; the tiny base fits its VAE (or measures its latent scale) on them. "
                         "Rerun `medsynth prepare` on a data set with images.")
+    tiny = to_dict(recipe.model.tiny)
+    if tiny["autoencoder"] == "taef2":  # settings of the fitted VAE only: changing them must not rebuild
+        for k in _FITTED_ONLY:
+            tiny.pop(k, None)
     return {
         **tokenizer_inputs(recipe),
-        "tiny": to_dict(recipe.model.tiny),
+        "tiny": tiny,
         "resolution": recipe.model.resolution,
         "seed": recipe.seed,
         "train_sha256": [r.sha256 for r in rows],
@@ -156,16 +171,34 @@ def base_inputs(recipe) -> dict:
 
 
 def vae_factor(tiny) -> int:
+    if tiny.autoencoder == "taef2":
+        return TAEF2_FACTOR
     return 2 ** (len(tiny.vae_channels) - 1)
+
+
+def latent_channels(tiny) -> int:
+    """Latent channels of the tiny base's autoencoder (``model.tiny.latent_channels`` is the fitted VAE's)."""
+    return TAEF2_LATENT_CHANNELS if tiny.autoencoder == "taef2" else tiny.latent_channels
+
+
+def dit_patch_size(tiny) -> int:
+    """DiT patch size: 2 as PixArt over the fitted VAE's x4 latents, 1 over TAEF2's x8 latents.
+
+    Both give the same token grid (64 px -> 16x16 latents / patch 2 = 8x8 = 8x8 latents / patch 1),
+    so attention cost and positional resolution stay as tuned for the CPU demo; patch 2 on TAEF2
+    would leave 4x4 tokens for a 64 px image.
+    """
+    return 1 if tiny.autoencoder == "taef2" else 2
 
 
 def _check_geometry(recipe) -> None:
     tiny, res = recipe.model.tiny, recipe.model.resolution
-    f = vae_factor(tiny)
-    if res % (2 * f):
+    f, p = vae_factor(tiny), dit_patch_size(tiny)
+    if res % (p * f):
+        what = "the TAEF2 autoencoder" if tiny.autoencoder == "taef2" else f"model.tiny.vae_channels {tiny.vae_channels}"
         raise UserError(
-            f"model.resolution {res} does not suit the tiny base: with model.tiny.vae_channels {tiny.vae_channels} "
-            f"(downsampling x{f}) and DiT patch size 2 it must be a multiple of {2 * f}; e.g. --set model.resolution={max(2 * f, res // (2 * f) * 2 * f)}")
+            f"model.resolution {res} does not suit the tiny base: with {what} "
+            f"(downsampling x{f}) and DiT patch size {p} it must be a multiple of {p * f}; e.g. --set model.resolution={max(p * f, res // (p * f) * p * f)}")
     if tiny.text_dim % tiny.heads:
         raise UserError(f"model.tiny.text_dim {tiny.text_dim} must be a multiple of model.tiny.heads {tiny.heads} (the tiny T5 uses the same head count)")
 
@@ -280,13 +313,13 @@ def vae_config(recipe) -> dict:
 
 def transformer_config(recipe) -> dict:
     tiny = recipe.model.tiny
-    lat = tiny.latent_channels
+    lat = latent_channels(tiny)
     return dict(
         num_attention_heads=tiny.heads, attention_head_dim=tiny.head_dim,
         in_channels=lat, out_channels=2 * lat,  # learned sigma, as PixArt-alpha
         num_layers=tiny.layers, dropout=0.0, norm_num_groups=32,
         cross_attention_dim=tiny.heads * tiny.head_dim, attention_bias=True,
-        sample_size=recipe.model.resolution // vae_factor(tiny), patch_size=2,
+        sample_size=recipe.model.resolution // vae_factor(tiny), patch_size=dit_patch_size(tiny),
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, upcast_attention=False,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         use_additional_conditions=False, caption_channels=tiny.text_dim,
@@ -489,6 +522,27 @@ def _centre_and_scale(vae, images) -> dict:
             "scaling_factor": round(scale, 6)}
 
 
+def _centre_and_scale_taef2(vae, images) -> dict:
+    """TAEF2's counterpart of ``_centre_and_scale``: per-channel mean into ``config.latent_shift``, 1/std into ``scaling_factor``.
+
+    TAEF2's raw latents are far from centred on medical images (channel means up to +-1.2 against
+    a std of ~0.7 on HAM10000 at 64 px), and its decoder starts with a soft clamp, so the offset
+    cannot go into a convolution bias; the model subtracts it in ``encode`` and adds it back in
+    ``decode`` instead, which ``PixArtAlphaPipeline`` (it ignores ``shift_factor``) also respects.
+    """
+    import torch
+
+    vae.register_to_config(latent_shift=None, scaling_factor=1.0)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(images[i:i + 64]).latent_dist.mode() for i in range(0, len(images), 64)])
+    mean = z.mean(dim=(0, 2, 3))
+    std = float((z - mean.view(1, -1, 1, 1)).std())
+    scale = 1.0 / max(std, 1e-6)
+    vae.register_to_config(latent_shift=[float(m) for m in mean], scaling_factor=scale)
+    return {"latent_mean_removed": [round(float(m), 4) for m in mean], "latent_std": round(std, 4),
+            "scaling_factor": round(scale, 6)}
+
+
 # ----------------------------------------------------------------------------- build + cache
 
 
@@ -546,13 +600,15 @@ def ensure_tiny_base(recipe) -> Path:
     with _building(final) as tmp:
         info = build_tiny_base(recipe, tmp)
         atomic_write_json(tmp / INFO_FILE, info)
-    console.info(f"tiny base: VAE fitted in {info['vae']['fit_seconds']} s, train PSNR {info['vae']['train_psnr_db']} dB, "
+    how = "pretrained TAEF2 autoencoder (no fit)" if recipe.model.tiny.autoencoder == "taef2" \
+        else f"VAE fitted in {info['vae']['fit_seconds']} s"
+    console.info(f"tiny base: {how}, train PSNR {info['vae']['train_psnr_db']} dB, "
                  f"scaling_factor {info['vae']['scaling_factor']}")
     return final
 
 
 def build_tiny_base(recipe, out: Path) -> dict:
-    """Build every component, fit the VAE, save with PixArtAlphaPipeline.save_pretrained into ``out``."""
+    """Build every component, fit the VAE (or take TAEF2), save with PixArtAlphaPipeline.save_pretrained into ``out``."""
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -568,17 +624,30 @@ def build_tiny_base(recipe, out: Path) -> dict:
     transformer = pixart_init(PixArtTransformer2DModel(**transformer_config(recipe)))
     torch.manual_seed(recipe.seed + 1)
     text_encoder = T5EncoderModel(T5Config(**text_config(recipe, vocab))).eval()
-    torch.manual_seed(recipe.seed + 2)
-    vae = AutoencoderKL(**vae_config(recipe))
     scheduler = DPMSolverMultistepScheduler(**scheduler_config(recipe))
 
     rows = read_manifest(recipe.workdir_path, "train")
     images = load_images([r.path for r in rows], recipe.model.resolution)
-    crop = tiny.vae_fit_crop if tiny.vae_fit_crop else recipe.model.resolution
-    vae_stats = fit_vae(vae, images, steps=tiny.vae_fit_steps, batch=tiny.vae_fit_batch,
-                        crop=min(crop, recipe.model.resolution), seed=recipe.seed + 3)
-    vals = psnr(vae, images)
+    if tiny.autoencoder == "taef2":
+        from .taef2 import AutoencoderTAEF2
+
+        vae = AutoencoderTAEF2.from_shipped(sample_size=recipe.model.resolution)
+        vae_stats = {"autoencoder": "taef2", "fit_steps": 0, "fit_seconds": 0.0}
+        vae_stats.update(_centre_and_scale_taef2(vae, images))
+        # A spread-out sample of at most 64 images: the PSNR is a sanity check here (nothing was
+        # fitted), and TAEF2's full-resolution 64-channel decoder costs ~5x the fitted VAE per image.
+        check = images[::max(1, len(images) // 64)][:64]
+    else:
+        torch.manual_seed(recipe.seed + 2)
+        vae = AutoencoderKL(**vae_config(recipe))
+        crop = tiny.vae_fit_crop if tiny.vae_fit_crop else recipe.model.resolution
+        vae_stats = {"autoencoder": "fitted"}
+        vae_stats.update(fit_vae(vae, images, steps=tiny.vae_fit_steps, batch=tiny.vae_fit_batch,
+                                 crop=min(crop, recipe.model.resolution), seed=recipe.seed + 3))
+        check = images
+    vals = psnr(vae, check)
     vae_stats["train_psnr_db"] = round(sum(vals) / len(vals), 2)
+    vae_stats["train_psnr_images"] = len(vals)
 
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                                transformer=transformer, scheduler=scheduler)
