@@ -169,9 +169,8 @@ def score(recipe: RecipeArg = None, set_: SetOpt = None, json_: JsonOpt = False,
     path = score_mod.run(r)
     remember_recipe(r)
     s = json.loads(path.read_text())
-    _emit(as_json, {"stage": "score", "workdir": str(r.workdir_path), "scores": str(path),
-                    **{k: s.get(k) for k in ("fid", "kid_mean", "kid_std", "domain_fid", "memorization_fraction",
-                                             "n_real", "n_synthetic")}}, str(path))
+    _emit(as_json, {"stage": "score", "workdir": str(r.workdir_path), "scores": str(path), **score_mod.summary(s)},
+          str(path))
 
 
 @app.command()
@@ -226,11 +225,25 @@ def finetune(
     recipe: RecipeArg = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the latest checkpoint in <workdir>/finetune/checkpoints (adapters, optimizer, LR schedule, RNG, data position)")] = False,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="stop after N optimizer steps in total (overrides finetune.max_steps / epochs)", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print trainable / frozen parameters per module, the estimated peak GPU memory (and whether it fits 24 / 40 / 80 GB), steps and time per epoch; loads no weights, writes nothing")] = False,
+    step_seconds: Annotated[Optional[float], typer.Option("--step-seconds", min=0.0, help="with --dry-run: seconds per optimizer step measured on the target GPU, for the time per epoch", show_default=False)] = None,
+    processes: Annotated[int, typer.Option("--processes", min=1, help="with --dry-run: data-parallel processes the run will use (steps per epoch)")] = 1,
     set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
 ):
     """LoRA fine-tune PixArt-alpha (DiT + T5) with the HLDF colour loss -> <workdir>/finetune/final; resumable, multi-GPU via `accelerate launch`."""
     overrides, as_json = _common(set_, json_, quiet)
+    if dry_run and max_steps is not None:
+        overrides = overrides + [f"finetune.max_steps={max_steps}"]  # so the plan's total steps honour it
     r = _load(recipe, overrides)
+    if dry_run:
+        from .finetune import estimate
+
+        plan = estimate.estimate(r, step_seconds=step_seconds, processes=processes)
+        if as_json:
+            _emit(True, {"workdir": str(r.workdir_path), **estimate.to_json(plan)})
+        else:
+            print(estimate.table(plan))
+        return
     from . import finetune as finetune_mod
     from .recipe import remember_recipe
 
