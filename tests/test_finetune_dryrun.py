@@ -278,3 +278,22 @@ def test_dit_formula_matches_autograd(preset):
     est = dit_step_elems(B, (lat // 2) ** 2, D, 4 * D, H, L, Ct, 4, lat, layers, False, preset == "paper") * 4
     # LoRA's rank-wide intermediates and a few per-token statistics are left out of the formula.
     assert est == pytest.approx(s.total, rel=0.15)
+
+
+@pytest.mark.parametrize("boc,lpb,attn", [((32, 64, 64), 2, True), ((16, 32, 64), 1, True), ((8, 32), 1, True),
+                                          ((8, 32), 2, False)])
+def test_vae_encode_peak_matches_live_memory(boc, lpb, attn):
+    """The latent cache's no-grad encode: the formula's maps equal the live storages of vae.encode."""
+    from diffusers import AutoencoderKL
+
+    from medsynth.finetune.estimate import vae_encode_elems
+
+    cfg = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(boc),
+               up_block_types=("UpDecoderBlock2D",) * len(boc), block_out_channels=list(boc), layers_per_block=lpb,
+               latent_channels=4, norm_num_groups=8, sample_size=64, mid_block_add_attention=attn)
+    vae = AutoencoderKL(**cfg).requires_grad_(False).eval()
+    B, res = 3, 64
+    px = torch.randn(B, 3, res, res)  # made outside the mode: the formula's image term is left out below
+    with torch.no_grad(), _Live(vae) as live:
+        vae.encode(px).latent_dist.parameters.float()
+    assert (vae_encode_elems(B, res, cfg) - B * 3 * res * res) * 4 == live.peak
