@@ -5,7 +5,7 @@ trained on the synthetic set only and evaluated on the real test split; the real
 classifier is the reference (and the domain feature extractor of `medsynth score`).
 
 Outputs in ``<workdir>/classify/<train_on>/``: metrics.json, confusion.png, model.safetensors
-(metadata: model name, classes, input size and normalisation), classes.json, config.yaml,
+(metadata: model name, classes, input size, geometry and normalisation), classes.json, config.yaml,
 provenance.json. A checkpoint is written after every epoch, so a killed run resumes at the
 next epoch (each epoch's shuffle and augmentation are seeded by (seed, epoch), so a resumed
 run sees the same batches as an uninterrupted one).
@@ -66,13 +66,15 @@ def _train_items(recipe: Recipe, train_on: str, names: list[str]) -> tuple[list,
     return items, inputs
 
 
-def _train_transform(size: int, mean, std):
+def _train_transform(size: int, mean, std, geometry: str = "squash"):
     from torchvision import transforms as T
 
+    from .features import square_resize
+
     # Flips only: lesions and mucosa have no canonical left/right, and stronger augmentation
-    # would change what "trained on synthetic images" measures.
-    return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    # would change what "trained on synthetic images" measures. The geometry is the same as the
+    # test transform's (features.eval_transform), for real and synthetic images alike.
+    return T.Compose([square_resize(size, geometry), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 def _autocast(device, mode: str):
@@ -237,8 +239,9 @@ def run(recipe: Recipe, train_on: str | None = None) -> Path:
     # Only now, with the weights found, does the stage touch the workspace: missing weights leave nothing behind.
     out_dir = ensure_dir(wd / "classify" / train_on)
     mean, std = timm_norm(model)
-    train_ds = _Images(items, _train_transform(c.image_size, mean, std))
-    test_ds = _Images([("real", r.path, names.index(r.label)) for r in test_rows], eval_transform(c.image_size, mean, std))
+    train_ds = _Images(items, _train_transform(c.image_size, mean, std, c.geometry))
+    test_ds = _Images([("real", r.path, names.index(r.label)) for r in test_rows],
+                      eval_transform(c.image_size, mean, std, c.geometry))
     opt = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, weight_decay=c.weight_decay)
     autocast, scaler = _autocast(device, c.mixed_precision)
 
@@ -313,8 +316,10 @@ def run(recipe: Recipe, train_on: str | None = None) -> Path:
     if metrics.get("note"):
         console.warn(metrics["note"])
 
+    # geometry travels with the weights: score's domain features and the curation judge must
+    # prepare images the way this model was trained (features.load_classifier reads it back).
     info = {"model": c.model, "classes": names, "image_size": c.image_size, "mean": list(mean), "std": list(std),
-            "train_on": train_on, "fingerprint": fp}
+            "geometry": c.geometry, "train_on": train_on, "fingerprint": fp}
     _save_model(model, out_dir / "model.safetensors", info)
     atomic_write_json(out_dir / "classes.json", {"classes": [{"index": i, "name": n} for i, n in enumerate(names)]})
     confusion_png(metrics["confusion_matrix"], names, out_dir / "confusion.png",

@@ -139,11 +139,34 @@ def timm_norm(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
 
-def eval_transform(size: int, mean, std):
+GEOMETRIES = ("squash", "crop")
+
+
+def square_resize(size: int, geometry: str = "squash"):
+    """The step that turns any PIL image into a ``size`` x ``size`` square.
+
+    'squash' resizes the whole image (aspect ratio changes, nothing is cut off); 'crop' is
+    medsynth.images.resize_center_crop itself, so a classifier with classify.geometry: crop sees
+    real images exactly as the generator was fine-tuned on them.
+    """
+    import functools
+
     from torchvision import transforms as T
 
-    return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    if geometry == "squash":
+        return T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    if geometry == "crop":
+        from .images import resize_center_crop
+
+        # functools.partial of a module-level function pickles, so DataLoader workers can use it.
+        return T.Lambda(functools.partial(resize_center_crop, resolution=size))
+    raise ValueError(f"geometry {geometry!r} is not one of {', '.join(GEOMETRIES)}")
+
+
+def eval_transform(size: int, mean, std, geometry: str = "squash"):
+    from torchvision import transforms as T
+
+    return T.Compose([square_resize(size, geometry), T.ToTensor(), T.Normalize(mean, std)])
 
 
 # ----------------------------------------------------------------------------- extractors
@@ -267,10 +290,10 @@ def fid_weights_path(score_cfg) -> Path:
 class TimmFeatures(Extractor):
     """Penultimate (pre-logits) features of a timm model: forward_head(forward_features(x), pre_logits=True)."""
 
-    def __init__(self, model, size: int, mean, std, ident: str, weights: str | None, device):
+    def __init__(self, model, size: int, mean, std, ident: str, weights: str | None, device, geometry: str = "squash"):
         super().__init__(device)
         self.model = model.to(device).eval()
-        self.tf = eval_transform(size, mean, std)
+        self.tf = eval_transform(size, mean, std, geometry)
         self.id = ident
         self.weights = weights
         self.sha256 = sha256_file(weights) if weights and Path(weights).is_file() else None
@@ -296,6 +319,11 @@ def load_classifier(path: Path):
         info = json.loads(meta["medsynth"])
     except (KeyError, ValueError):
         raise UserError(f"{path} was not written by `medsynth classify` (no medsynth metadata); re-run it") from None
+    # Classifiers written before classify.geometry existed were all trained on squashed images.
+    info.setdefault("geometry", "squash")
+    if info["geometry"] not in GEOMETRIES:
+        raise UserError(f"{path}: its metadata says geometry {info['geometry']!r}, which this medsynth version does not "
+                        f"know ({', '.join(GEOMETRIES)}); re-run `medsynth classify` with this version or upgrade medsynth")
     model = create_timm_model(info["model"], pretrained=False, pretrained_path=None,
                               num_classes=len(info["classes"]), key="classify", image_size=int(info["image_size"]))
     model.load_state_dict(load_file(str(path)))
@@ -304,9 +332,11 @@ def load_classifier(path: Path):
 
 def classifier_extractor(path: Path, device) -> TimmFeatures:
     model, info = load_classifier(path)
+    # The classifier's features are only meaningful for inputs prepared the way it was trained.
     return TimmFeatures(model, int(info["image_size"]), info["mean"], info["std"],
-                        f"workspace classifier {info['model']} (classify/{info.get('train_on', path.parent.name)})",
-                        str(path), device)
+                        f"workspace classifier {info['model']} (classify/{info.get('train_on', path.parent.name)}, "
+                        f"{info['geometry']} inputs)",
+                        str(path), device, geometry=info["geometry"])
 
 
 class HFFeatures(Extractor):

@@ -97,6 +97,8 @@ class TinyConfig:
 @dataclass
 class ModelConfig:
     base: str = F("PixArt-alpha/PixArt-XL-2-512x512", help="PixArt-alpha base: Hugging Face id, local diffusers directory, or 'tiny' (built in code, no download)")
+    family: str | None = F(None, help="backbone family; null = read from the base's model_index.json (_class_name), 'pixart' for 'tiny'",
+                           choices=["pixart", "sd", "sdxl", "hunyuan-dit", "dit"])
     revision: str | None = F(None, help="Hub revision (branch, tag or commit) of model.base")
     resolution: int = F(512, help="training and generation size in pixels (square)", min=16)
     dtype: str = F("bf16", help="weights dtype for inference stages", choices=["bf16", "fp16", "fp32"])
@@ -234,6 +236,9 @@ class ClassifyConfig:
     weight_decay: float = F(0.05, help="AdamW weight decay", min=0.0)
     batch_size: int = F(32, help="batch size", min=1)
     image_size: int = F(224, help="classifier input size", min=16)
+    geometry: str = F("squash", help="how every image (real train, real test, synthetic) becomes a square classifier input: 'squash' "
+                      "(resize the whole image; nothing is cut off) or 'crop' (shorter side resized, centre crop: the geometry the "
+                      "generator is trained on)", choices=["squash", "crop"])
     mixed_precision: str = F("bf16", help="autocast precision on GPU", choices=["bf16", "fp16", "no"])
     device: str = F("auto", help="'auto', 'cpu', 'cuda', ...")
     num_workers: int = F(2, help="data-loader worker processes", min=0)

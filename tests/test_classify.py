@@ -344,3 +344,116 @@ def test_cli_rejects_two_training_sets(cli):
     res = cli("classify", "demo", "--real-only", "--mixed")
     assert res.returncode == 2
     assert "at most one" in res.stderr
+
+
+# ----------------------------------------------------------------------------- classify.geometry
+
+
+def _ham_image(shared: Path):
+    from medsynth.images import read_image
+
+    img = read_image(sorted((shared / "ham10000" / "melanoma").glob("*.jpg"))[0])
+    assert img.size[0] != img.size[1]  # the test needs a non-square image
+    return img
+
+
+def test_crop_geometry_is_the_generators_resize_center_crop(shared_data):
+    """classify.geometry: crop prepares images exactly as fine-tuning does (resize_center_crop), then normalises."""
+    import torch
+    from torchvision import transforms as T
+
+    from medsynth.classify import _train_transform
+    from medsynth.features import eval_transform
+    from medsynth.images import resize_center_crop
+
+    img = _ham_image(shared_data)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = T.Normalize(mean, std)(T.ToTensor()(resize_center_crop(img, 32)))
+    crop = eval_transform(32, mean, std, "crop")(img)
+    assert crop.shape == (3, 32, 32) and torch.equal(crop, expected)
+    squash = eval_transform(32, mean, std)(img)  # the default is unchanged: the whole image, squashed
+    assert squash.shape == (3, 32, 32) and not torch.allclose(squash, expected, atol=1e-3)
+    assert torch.equal(squash, eval_transform(32, mean, std, "squash")(img))
+    for seed in range(4):  # training adds only a random flip on top of the same geometry
+        torch.manual_seed(seed)
+        x = _train_transform(32, mean, std, "crop")(img)
+        assert torch.equal(x, expected) or torch.equal(x, expected.flip(-1))
+    with pytest.raises(ValueError, match="'fit'"):
+        eval_transform(32, mean, std, "fit")
+
+
+def test_crop_classifier_records_its_geometry_and_its_users_crop(tmp_path, shared_data, monkeypatch):
+    """Train with geometry crop: every train / test image is cropped, the weights record it, and
+    score's classifier extractor and the curation judge prepare images the same way."""
+    import torch
+
+    from medsynth import classify, images
+    from medsynth.classify import _save_model, compute_metrics
+    from medsynth.data import read_manifest
+    from medsynth.features import classifier_extractor, eval_transform, load_classifier
+    from medsynth.recipe import load_recipe
+    from medsynth.synthesize.curate import Judge
+
+    recipe = make_workspace(tmp_path, shared_data, n_real=8, n_synth=4)
+    r = load_recipe(str(recipe), ["classify.geometry=crop"])
+    calls = {"n": 0}
+    real_crop = images.resize_center_crop
+
+    def counting_crop(img, resolution):
+        calls["n"] += 1
+        return real_crop(img, resolution)
+
+    monkeypatch.setattr(images, "resize_center_crop", counting_crop)
+    m = json.loads(classify.run(r, train_on="mixed").read_text())
+    monkeypatch.setattr(images, "resize_center_crop", real_crop)
+    assert calls["n"] == m["n_train"] + m["n_test"]  # real train, synthetic and real test images, one epoch
+
+    path = tmp_path / "ws" / "classify" / "mixed" / "model.safetensors"
+    model, info = load_classifier(path)
+    assert info["geometry"] == "crop"
+
+    # The test transform was the crop one: the recorded AUC is reproduced from cropped inputs only.
+    tf = eval_transform(info["image_size"], info["mean"], info["std"], "crop")
+    rows = read_manifest(tmp_path / "ws", "test")
+    names = list(CLASSES)
+    with torch.inference_mode():
+        p = torch.softmax(model(torch.stack([tf(images.read_image(x.path)) for x in rows])), 1).double().numpy()
+    again = compute_metrics(np.array([names.index(x.label) for x in rows]), p, names)
+    assert again["auc_macro_ovr"] == pytest.approx(m["auc_macro_ovr"], abs=1e-9)
+
+    img = _ham_image(shared_data)
+    expected = tf(img)
+    ext = classifier_extractor(path, torch.device("cpu"))
+    assert torch.equal(ext.tf(img), expected) and "crop" in ext.id
+    with torch.inference_mode():
+        direct = model.forward_head(model.forward_features(expected[None]), pre_logits=True).double().numpy()
+    np.testing.assert_allclose(ext([img]), direct, rtol=1e-6, atol=1e-7)
+    judge = Judge(path, torch.device("cpu"))
+    assert torch.equal(judge.tf(img), expected)
+    np.testing.assert_allclose(judge([img])[1], direct, rtol=1e-6, atol=1e-7)
+
+    # A classifier written before classify.geometry existed has no key: it was trained on squashed images.
+    old = {k: v for k, v in info.items() if k != "geometry"}
+    _save_model(model, tmp_path / "old" / "model.safetensors", old)
+    _, old_info = load_classifier(tmp_path / "old" / "model.safetensors")
+    assert old_info["geometry"] == "squash"
+    squash = eval_transform(info["image_size"], info["mean"], info["std"])(img)
+    assert torch.equal(classifier_extractor(tmp_path / "old" / "model.safetensors", torch.device("cpu")).tf(img), squash)
+    assert torch.equal(Judge(tmp_path / "old" / "model.safetensors", torch.device("cpu")).tf(img), squash)
+    _save_model(model, tmp_path / "bad" / "model.safetensors", {**info, "geometry": "letterbox"})
+    with pytest.raises(UserError, match="'letterbox'"):
+        load_classifier(tmp_path / "bad" / "model.safetensors")
+
+
+def test_classify_geometry_is_part_of_the_classify_stage_key(tmp_path, shared_data):
+    from medsynth.pipeline import stage_key
+    from medsynth.recipe import load_recipe
+
+    recipe = make_workspace(tmp_path, shared_data, n_real=4, n_synth=2)
+    squash = load_recipe(str(recipe))
+    crop = load_recipe(str(recipe), ["classify.geometry=crop"])
+    assert squash.classify.geometry == "squash"
+    assert stage_key(squash, "classify") != stage_key(crop, "classify")
+    assert stage_key(squash, "classify") == stage_key(load_recipe(str(recipe), ["classify.geometry=squash"]), "classify")
+    # Upstream stages do not read the classifier's settings.
+    assert stage_key(squash, "synthesize") == stage_key(crop, "synthesize")

@@ -77,7 +77,7 @@ class Judge:
         self.model = self.model.to(device).eval()
         self.device = device
         self.classes = list(self.info["classes"])
-        self.tf = eval_transform(int(self.info["image_size"]), self.info["mean"], self.info["std"])
+        self.tf = eval_transform(int(self.info["image_size"]), self.info["mean"], self.info["std"], self.info["geometry"])
 
     def __call__(self, images) -> tuple[np.ndarray, np.ndarray]:
         import torch
