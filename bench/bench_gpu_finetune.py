@@ -53,7 +53,7 @@ def main() -> None:
 
     from diffusers import DDPMScheduler
 
-    from medsynth import sampling
+    from medsynth.models import pixart
     from medsynth.finetune import hldf, lora
     from medsynth.recipe import HldfConfig, LoraConfig
 
@@ -62,8 +62,8 @@ def main() -> None:
     dit, t5, vae, sched = build(dev)
     vae.requires_grad_(False)
     lc = LoraConfig(rank=8, alpha=8.0)
-    lora.add_lora(dit, lc, lora.DIT_TARGETS["paper"], "dit")
-    lora.add_lora(t5, lc, lora.T5_TARGETS["full"], "t5")
+    lora.add_lora(dit, lc, pixart.DIT_TARGETS["paper"], "dit")
+    lora.add_lora(t5, lc, pixart.T5_TARGETS["full"], "t5")
     dit.enable_gradient_checkpointing()
     t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     vae.enable_gradient_checkpointing()
@@ -83,7 +83,7 @@ def main() -> None:
             emb = t5(ids, attention_mask=mask)[0]
             noise = torch.randn_like(z0)
             t = torch.randint(0, 1000, (1,), device=dev)
-            pred = sampling.predict_noise(dit, train_sched.add_noise(z0, noise, t).to(torch.bfloat16), t, emb, mask)
+            pred = pixart.predict_noise(dit, train_sched.add_noise(z0, noise, t).to(torch.bfloat16), t, emb, mask)
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         if with_hldf:

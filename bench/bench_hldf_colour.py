@@ -93,8 +93,9 @@ def main() -> None:
                     labels.append(c["index"])
             comps = loading.load_components(r, device="cpu", dtype=torch.float32)
             comps = adapters.apply_finetuned(comps, out)
-            imgs = sampling.generate(comps.transformer, comps.text_encoder, comps.tokenizer, comps.vae,
-                                     comps.scheduler.config, prompts, seeds, resolution=r.model.resolution,
+            from medsynth.models import pixart
+
+            imgs = sampling.generate(pixart.BACKBONE, comps, prompts, seeds, resolution=r.model.resolution,
                                      steps=args.gen_steps, guidance=4.5, max_length=r.model.max_text_tokens)
             gm, gs = class_stats(imgs, labels, len(classes))
             results[hldf_on] = ((gm - real[0]).abs().mean().item(), (gs - real[1]).abs().mean().item(),

@@ -56,6 +56,7 @@ def train(comps, sched_cfg: dict, pixart: bool, z_params, embeds, masks, steps: 
     from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
     from medsynth import sampling
+    from medsynth.models import pixart
     from medsynth.models.tiny import pixart_init
 
     torch.manual_seed(seed)
@@ -76,7 +77,7 @@ def train(comps, sched_cfg: dict, pixart: bool, z_params, embeds, masks, steps: 
         j = torch.where(drop, torch.full_like(idx, n), idx)
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, 1000, (8,), generator=g)
-        pred = sampling.predict_noise(dit, ts.add_noise(z0, noise, t), t, embeds[j], masks[j])
+        pred = pixart.predict_noise(dit, ts.add_noise(z0, noise, t), t, embeds[j], masks[j])
         loss = F.mse_loss(pred, sampling.training_target(ts, z0, noise, t))
         opt.zero_grad()
         loss.backward()
@@ -89,6 +90,7 @@ def diffusion_classifier(dit, sched_cfg, comps, z_test, y_test, prompts, max_len
     from diffusers import DDPMScheduler
 
     from medsynth import sampling
+    from medsynth.models import pixart
 
     ts = DDPMScheduler.from_config(sched_cfg)
     g = torch.Generator().manual_seed(123)
@@ -96,11 +98,11 @@ def diffusion_classifier(dit, sched_cfg, comps, z_test, y_test, prompts, max_len
     err = torch.zeros(len(z_test), len(prompts))
     with torch.no_grad():
         for c, p in enumerate(prompts):
-            e, m = sampling.encode_text(comps.tokenizer, comps.text_encoder, [p], max_len, "cpu")
+            e, m = pixart.encode_text(comps.tokenizer, comps.text_encoder, [p], max_len, "cpu")
             e, m = e.expand(len(z_test), -1, -1), m.expand(len(z_test), -1)
             for t, nz in pairs:
                 tt = torch.full((len(z_test),), t)
-                out = sampling.predict_noise(dit, ts.add_noise(z_test, nz, tt), tt, e, m)
+                out = pixart.predict_noise(dit, ts.add_noise(z_test, nz, tt), tt, e, m)
                 err[:, c] += (out - sampling.training_target(ts, z_test, nz, tt)).pow(2).flatten(1).mean(1)
     return float((err.argmin(1) == y_test).float().mean())
 
@@ -134,6 +136,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from medsynth import sampling
+    from medsynth.models import pixart
     from medsynth.data import read_classes, read_manifest
     from medsynth.models import loading
     from medsynth.models.tiny import load_images
@@ -155,7 +158,7 @@ def main() -> int:
         z_params = vae.encode(x_train).latent_dist.parameters
         z_test = vae.encode(x_test).latent_dist.mode() * sf
         texts = [prompts[int(k)] for k in y_train] + [""]
-        embeds, masks = sampling.encode_text(comps.tokenizer, comps.text_encoder, texts, max_len, "cpu")
+        embeds, masks = pixart.encode_text(comps.tokenizer, comps.text_encoder, texts, max_len, "cpu")
     judge = train_judge(x_train, y_train, len(names))
     with torch.no_grad():
         judge_real = float((judge(x_test).argmax(1) == y_test).float().mean())
@@ -168,10 +171,10 @@ def main() -> int:
         dc = diffusion_classifier(dit, sched_cfg, comps, z_test, y_test, prompts, max_len)
         per = 16
         with torch.no_grad():
-            imgs = sampling.generate(dit, comps.text_encoder, comps.tokenizer, vae, sched_cfg,
+            imgs = sampling.generate(pixart.BACKBONE, comps.replace(transformer=dit, vae=vae),
                                      [p for p in prompts for _ in range(per)], [1000 + j for _ in prompts for j in range(per)],
                                      resolution=res, steps=10, guidance=4.5, max_length=max_len, batch_size=16,
-                                     device="cpu", dtype=torch.float32)
+                                     device="cpu", dtype=torch.float32, scheduler_config=sched_cfg)
             asked = torch.arange(len(prompts)).repeat_interleave(per)
             judge_acc = float((judge(imgs).argmax(1) == asked).float().mean())
         rows.append((name, dc, judge_acc, secs))

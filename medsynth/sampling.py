@@ -1,12 +1,14 @@
-"""DPM-Solver++ sampling for PixArt-alpha with classifier-free guidance in one batch.
+"""DPM-Solver++ sampling with classifier-free guidance in one batch, for any backbone.
 
-One loop serves two callers:
+The loop knows no model family: conditioning comes from ``backbone.encode`` as a
+:class:`~medsynth.models.backbone.Cond`, predictions from ``backbone.predict``. One loop serves
+two callers:
 
 - HLDF (finetune): ``denoise(..., grad=True)`` keeps the autograd graph so the colour loss on
-  the decoded images reaches the LoRA weights of the DiT and T5. ``PixArtAlphaPipeline.__call__``
-  is decorated with ``torch.no_grad()`` (an outer ``enable_grad`` does not undo it), so the
-  pipeline cannot be used for this; the loop here is small and calls the stock, differentiable
-  ``DPMSolverMultistepScheduler.step``.
+  the decoded images reaches the LoRA weights of the denoiser and text encoder. The stock
+  diffusers pipelines decorate ``__call__`` with ``torch.no_grad()`` (an outer ``enable_grad``
+  does not undo it), so they cannot be used for this; the loop here is small and calls the stock,
+  differentiable ``DPMSolverMultistepScheduler.step``.
 - Sample grids and synthesis: ``generate(...)`` runs the same loop under ``torch.no_grad``.
 
 A fresh scheduler is made for every call because DPM-Solver++ keeps the previous model
@@ -40,56 +42,10 @@ def make_scheduler(scheduler_config, steps: int, device=None):
     return sched
 
 
-def uses_micro_conditions(transformer) -> bool:
-    """Whether the DiT takes resolution / aspect-ratio conditions (PixArt-XL-2-1024-MS).
-
-    The flag is the module attribute ``use_additional_conditions``: diffusers derives it in
-    ``__init__`` (true when ``sample_size == 128``) and leaves the config value as given, which is
-    ``None`` in the hub configs. The config is only read for a module without the attribute.
-    """
-    model = unwrap(transformer)
-    flag = getattr(model, "use_additional_conditions", None)
-    if flag is None:
-        flag = getattr(getattr(model, "config", None), "use_additional_conditions", None)
-    return bool(flag)
-
-
-def predict_noise(transformer, latents: torch.Tensor, t, embeds: torch.Tensor, mask: torch.Tensor | None,
-                  pixel_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """The PixArt transformer's prediction (epsilon, or v / x0 as the scheduler's
-    ``prediction_type`` says; see ``training_target``), the learned-sigma half of the output dropped.
-
-    PixArt-alpha predicts 2*C channels (epsilon and the variance interpolation); like the
-    diffusers pipeline and training scripts we use only the first C channels.
-    """
-    b = latents.shape[0]
-    if not torch.is_tensor(t):
-        t = torch.tensor([t], device=latents.device)
-    t = t.to(latents.device)
-    if t.ndim == 0:
-        t = t[None]
-    if t.shape[0] != b:
-        t = t.expand(b)
-    added = {"resolution": None, "aspect_ratio": None}
-    if uses_micro_conditions(transformer):
-        # The 1024-MS model conditions on image size; pixel size defaults to latent * 8. As in
-        # PixArtAlphaPipeline: (height, width) and height / width in the text embeddings' dtype, one
-        # row per batch element (the CFG batch of 2B included).
-        h, w = pixel_size or (latents.shape[-2] * 8, latents.shape[-1] * 8)
-        added = {"resolution": torch.tensor([[h, w]], device=latents.device).to(embeds.dtype).repeat(b, 1),
-                 "aspect_ratio": torch.tensor([[float(h / w)]], device=latents.device).to(embeds.dtype).repeat(b, 1)}
-    out = transformer(latents, encoder_hidden_states=embeds, encoder_attention_mask=mask, timestep=t,
-                      added_cond_kwargs=added, return_dict=False)[0]
-    c = latents.shape[1]
-    if out.shape[1] == 2 * c:
-        out = out[:, :c]
-    return out
-
-
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the DiT is trained to output for ``add_noise(latents, noise, timesteps)``.
+    """What the denoiser is trained to output for ``add_noise(latents, noise, timesteps)``.
 
-    Follows ``scheduler.config.prediction_type`` (PixArt-alpha: epsilon; the tiny base: v), the
+    Follows ``scheduler.config.prediction_type`` (epsilon for most bases; the tiny base: v), the
     same setting the diffusers samplers read, so training and sampling cannot disagree.
     """
     kind = scheduler.config.prediction_type
@@ -102,37 +58,36 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
 
 
-def denoise(transformer, scheduler_config, latents: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None,
-            neg_embeds: torch.Tensor | None, neg_mask: torch.Tensor | None, *, steps: int, guidance: float,
-            start_index: int = 0, grad: bool = False, grad_last_k: int | None = None,
+def denoise(backbone, model, scheduler_config, latents: torch.Tensor, cond, neg_cond, *, steps: int,
+            guidance: float, start_index: int = 0, grad: bool = False, grad_last_k: int | None = None,
             checkpoint: bool = False, pixel_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Run DPM-Solver++ from ``latents`` (already noised to timestep ``start_index``) to t=0.
 
-    CFG uses one batch of 2B (unconditional first, as diffusers does). With ``grad`` the graph is
-    kept; ``grad_last_k`` detaches everything before the last K solver steps (bounded memory,
-    gradient only through the final steps); ``checkpoint`` recomputes each solver step's DiT
-    forward in backward so memory grows by one latent per step rather than one activation set.
+    ``model`` is ``backbone``'s denoiser, ``cond`` / ``neg_cond`` its conditioning (``Cond``; no
+    CFG when ``neg_cond`` is None or ``guidance`` <= 1). CFG uses one batch of 2B (unconditional
+    first, as diffusers does). With ``grad`` the graph is kept; ``grad_last_k`` detaches
+    everything before the last K solver steps (bounded memory, gradient only through the final
+    steps); ``checkpoint`` recomputes each solver step's denoiser forward in backward so memory
+    grows by one latent per step rather than one activation set.
     """
+    from .models.backbone import Cond
+
     sched = make_scheduler(scheduler_config, steps, latents.device)
     if start_index:
         sched.set_begin_index(start_index)
     timesteps = sched.timesteps[start_index:]
-    do_cfg = guidance > 1.0 and neg_embeds is not None
-    if do_cfg:
-        ctx = torch.cat([neg_embeds, embeds])
-        cmask = torch.cat([neg_mask, mask]) if mask is not None else None
-    else:
-        ctx, cmask = embeds, mask
+    do_cfg = guidance > 1.0 and neg_cond is not None
+    ctx = Cond.cat([neg_cond, cond]) if do_cfg else cond
     n = len(timesteps)
     first_grad = max(0, n - grad_last_k) if (grad and grad_last_k) else 0
 
-    def one(x, t, ctx_, cmask_):
+    def one(x, t):
         inp = torch.cat([x, x]) if do_cfg else x
         inp = sched.scale_model_input(inp, t)
-        eps = predict_noise(transformer, inp, t, ctx_, cmask_, pixel_size)
+        eps = backbone.predict(model, inp, t, ctx, pixel_size)
         if do_cfg:
-            uncond, cond = eps.chunk(2)
-            eps = uncond + guidance * (cond - uncond)
+            uncond, cond_ = eps.chunk(2)
+            eps = uncond + guidance * (cond_ - uncond)
         return eps
 
     for i, t in enumerate(timesteps):
@@ -141,9 +96,9 @@ def denoise(transformer, scheduler_config, latents: torch.Tensor, embeds: torch.
             if track and i == first_grad and first_grad > 0:
                 latents = latents.detach()
             if track and checkpoint:
-                eps = torch.utils.checkpoint.checkpoint(one, latents, t, ctx, cmask, use_reentrant=False)
+                eps = torch.utils.checkpoint.checkpoint(one, latents, t, use_reentrant=False)
             else:
-                eps = one(latents, t, ctx, cmask)
+                eps = one(latents, t)
             latents = sched.step(eps, t, latents, return_dict=False)[0]
     return latents
 
@@ -163,43 +118,36 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype=tor
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
-def encode_text(tokenizer, text_encoder, prompts: Sequence[str], max_length: int, device):
-    """T5 embeddings + attention mask exactly as synthesis makes them (lower-cased, padded to
-    ``max_length``): training and generation must see the same text preprocessing.
-
-    Not wrapped in no_grad on purpose: finetune calls it with grad when T5 carries LoRA.
-    """
-    from .models.loading import encode_prompts
-
-    return encode_prompts(tokenizer, text_encoder, list(prompts), max_length, device)
-
-
 @torch.no_grad()
-def generate(transformer, text_encoder, tokenizer, vae, scheduler_config, prompts: Sequence[str],
-             seeds: Sequence[int], *, resolution: int, steps: int = 20, guidance: float = 4.5,
-             max_length: int = 120, negative_prompt: str = "", batch_size: int = 8,
-             device=None, dtype=None) -> torch.Tensor:
-    """Images for ``prompts`` (one per prompt, noise from ``seeds``), float32 in [-1, 1], on CPU."""
-    tr = unwrap(transformer)
+def generate(backbone, comps, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int, steps: int = 20,
+             guidance: float = 4.5, max_length: int = 120, negative_prompt: str = "", batch_size: int = 8,
+             device=None, dtype=None, scheduler_config=None) -> torch.Tensor:
+    """Images for ``prompts`` (one per prompt, noise from ``seeds``), float32 in [-1, 1], on CPU.
+
+    ``comps`` holds the backbone's parts (denoiser, text encoders, tokenizers, vae, and the
+    scheduler whose config is used unless ``scheduler_config`` is given).
+    """
+    model = backbone.denoiser(comps)
+    tr = unwrap(model)
     device = device or next(tr.parameters()).device
     dtype = dtype or next(tr.parameters()).dtype
-    c = tr.config.in_channels
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    lat = resolution // vae_scale
+    c = backbone.latent_channels(comps)
+    lat = resolution // backbone.vae_scale(comps.vae)
+    if scheduler_config is None:
+        scheduler_config = comps.scheduler.config
     sched0 = make_scheduler(scheduler_config, steps, device)
     outs = []
     for i in range(0, len(prompts), batch_size):
         p = list(prompts[i:i + batch_size])
         s = list(seeds[i:i + batch_size])
-        embeds, mask = encode_text(tokenizer, text_encoder, p, max_length, device)
-        neg, neg_mask = None, None
+        cond = backbone.encode(comps, p, max_length, device)
+        neg = None
         if guidance > 1.0:
-            neg, neg_mask = encode_text(tokenizer, text_encoder, [negative_prompt] * len(p), max_length, device)
-            neg = neg.to(dtype)
+            neg = backbone.encode(comps, [negative_prompt] * len(p), max_length, device).to(dtype=dtype)
         x = seeded_noise(s, (c, lat, lat), device, dtype) * sched0.init_noise_sigma
-        x = denoise(transformer, scheduler_config, x, embeds.to(dtype), mask, neg, neg_mask, steps=steps,
+        x = denoise(backbone, model, scheduler_config, x, cond.to(dtype=dtype), neg, steps=steps,
                     guidance=guidance, pixel_size=(resolution, resolution))
-        outs.append(decode(vae, x).float().clamp(-1, 1).cpu())
+        outs.append(decode(comps.vae, x).float().clamp(-1, 1).cpu())
     return torch.cat(outs)
 
 
@@ -224,5 +172,5 @@ def grid(images: torch.Tensor, rows: int, cols: int, pad: int = 2):
     return canvas
 
 
-__all__ = ["unwrap", "make_scheduler", "uses_micro_conditions", "predict_noise", "denoise", "decode", "seeded_noise", "encode_text",
-           "generate", "to_pil", "grid"]
+__all__ = ["unwrap", "make_scheduler", "training_target", "denoise", "decode", "seeded_noise", "generate", "to_pil",
+           "grid"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medsynth.finetune import adapters, lora
+from medsynth.models import pixart
 from test_finetune_helpers import lora_settings, tiny_components
 
 
@@ -15,7 +16,7 @@ def _fwd(tr, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 4, 16, 16, generator=g)
     ctx = torch.randn(2, 5, 32, generator=g)
-    from medsynth.sampling import predict_noise
+    from medsynth.models.pixart import predict_noise
 
     with torch.no_grad():
         return predict_noise(tr, x, torch.tensor([10, 500]), ctx, torch.ones(2, 5, dtype=torch.long))
@@ -27,16 +28,16 @@ def test_only_adapter_params_trainable_and_count_matches(preset, dora):
     c = tiny_components()
     lc = lora_settings(rank=4, alpha=4.0, dora=dora)
     base_dit = sum(p.numel() for p in c.transformer.parameters())
-    lora.add_lora(c.transformer, lc, lora.DIT_TARGETS[preset], "dit")
-    lora.add_lora(c.text_encoder, lc, lora.T5_TARGETS["full"], "t5")
+    lora.add_lora(c.transformer, lc, pixart.DIT_TARGETS[preset], "dit")
+    lora.add_lora(c.text_encoder, lc, pixart.T5_TARGETS["full"], "t5")
     for model in (c.transformer, c.text_encoder):
         for n, p in model.named_parameters():
             assert p.requires_grad == ("lora_" in n), n
             if p.requires_grad:
                 assert p.dtype == torch.float32
     fresh = tiny_components()
-    want_dit = lora.expected_lora_params(fresh.transformer, lora.DIT_TARGETS[preset], 4, dora)
-    want_t5 = lora.expected_lora_params(fresh.text_encoder, lora.T5_TARGETS["full"], 4, dora)
+    want_dit = lora.expected_lora_params(fresh.transformer, pixart.DIT_TARGETS[preset], 4, dora)
+    want_t5 = lora.expected_lora_params(fresh.text_encoder, pixart.T5_TARGETS["full"], 4, dora)
     got_dit = sum(p.numel() for p in c.transformer.parameters() if p.requires_grad)
     got_t5 = sum(p.numel() for p in c.text_encoder.parameters() if p.requires_grad)
     assert (got_dit, got_t5) == (want_dit, want_t5)
@@ -46,8 +47,8 @@ def test_only_adapter_params_trainable_and_count_matches(preset, dora):
 
 def test_paper_preset_hits_embedders_adaln_and_projections():
     c = tiny_components()
-    paper = set(lora.matched_modules(c.transformer, lora.DIT_TARGETS["paper"]))
-    attn_ff = set(lora.matched_modules(c.transformer, lora.DIT_TARGETS["attn_ff"]))
+    paper = set(lora.matched_modules(c.transformer, pixart.DIT_TARGETS["paper"]))
+    attn_ff = set(lora.matched_modules(c.transformer, pixart.DIT_TARGETS["attn_ff"]))
     extra = paper - attn_ff
     assert extra == {"pos_embed.proj", "proj_out", "adaln_single.linear",
                      "adaln_single.emb.timestep_embedder.linear_1", "adaln_single.emb.timestep_embedder.linear_2",
@@ -57,8 +58,8 @@ def test_paper_preset_hits_embedders_adaln_and_projections():
 
 def test_t5_paper_parity_misses_gated_ffn_inputs():
     c = tiny_components()
-    full = lora.matched_modules(c.text_encoder, lora.T5_TARGETS["full"])
-    parity = lora.matched_modules(c.text_encoder, lora.T5_TARGETS["paper_parity"])
+    full = lora.matched_modules(c.text_encoder, pixart.T5_TARGETS["full"])
+    parity = lora.matched_modules(c.text_encoder, pixart.T5_TARGETS["paper_parity"])
     assert any(n.endswith("wi_0") for n in full) and any(n.endswith("wi_1") for n in full)
     assert not any(n.endswith(("wi_0", "wi_1")) for n in parity)
     assert len(full) == 2 * 7 and len(parity) == 2 * 5
@@ -69,8 +70,8 @@ def test_saved_adapters_load_with_peft_and_change_output(tmp_path):
 
     c = tiny_components()
     lc = lora_settings(rank=4, alpha=8.0)
-    cfg = lora.add_lora(c.transformer, lc, lora.DIT_TARGETS["paper"], "dit")
-    te_cfg = lora.add_lora(c.text_encoder, lc, lora.T5_TARGETS["full"], "t5")
+    cfg = lora.add_lora(c.transformer, lc, pixart.DIT_TARGETS["paper"], "dit")
+    te_cfg = lora.add_lora(c.text_encoder, lc, pixart.T5_TARGETS["full"], "t5")
     with torch.no_grad():  # stand-in for training: B is zero-initialised, so move it
         for n, p in list(c.transformer.named_parameters()) + list(c.text_encoder.named_parameters()):
             if "lora_B" in n:

@@ -26,7 +26,8 @@ def _subset(src: Path, dst: Path, classes=("polyps", "normal-cecum", "impacted-s
 
 def _sets(tmp: Path, data: Path, **extra) -> list[str]:
     # A smaller tiny base than the demo's, VAE left unfitted: these tests are about the training mechanics.
-    kv = {"data.root": str(data), "workdir": str(tmp / "ws"), "model.resolution": 32, "model.tiny.vae_fit_steps": 0,
+    kv = {"data.root": str(data), "workdir": str(tmp / "ws"), "model.resolution": 32, "model.tiny.autoencoder": "fitted",
+          "model.tiny.vae_fit_steps": 0,
           "model.tiny.layers": 2, "model.tiny.heads": 2, "model.tiny.head_dim": 8, "model.tiny.text_layers": 1,
           "model.tiny.text_dim": 32, "model.tiny.vae_channels": "[8,16]", "model.max_text_tokens": 24,
           "modality": "endoscopic", "finetune.batch_size": 4, "finetune.learning_rate": 2e-3,
@@ -99,7 +100,7 @@ def test_finetune_end_to_end(prepared, cli):
     base = loading.load_components(recipe, device="cpu", dtype=torch.float32)
     x = torch.randn(1, base.transformer.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     ctx, mask = torch.randn(1, 8, base.text_encoder.config.d_model), torch.ones(1, 8, dtype=torch.long)
-    from medsynth.sampling import predict_noise
+    from medsynth.models.pixart import predict_noise
 
     with torch.no_grad():
         before = predict_noise(base.transformer, x, torch.tensor([500]), ctx, mask)

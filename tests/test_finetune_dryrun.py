@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from medsynth.models import pixart
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -208,6 +210,8 @@ def test_hldf_solver_steps_peak_matches_live_memory(checkpointing):
 
     from medsynth import sampling
     from medsynth.finetune.estimate import hldf_dit_elems
+    from medsynth.models.backbone import Cond
+    from medsynth.models.pixart import BACKBONE
 
     H, hd, layers, lat, L, Ct = 4, 16, 2, 16, 12, 48
     tr = _tiny_dit(H, hd, layers, lat, Ct, "paper")
@@ -219,7 +223,8 @@ def test_hldf_solver_steps_peak_matches_live_memory(checkpointing):
     mask = torch.ones(B, L, dtype=torch.long)
     x = torch.randn(B, 4, lat, lat, generator=g)
     with _Live(tr) as live:
-        out = sampling.denoise(tr, DPMSolverMultistepScheduler().config, x, emb, mask, neg, mask, steps=M,
+        out = sampling.denoise(BACKBONE, tr, DPMSolverMultistepScheduler().config, x,
+                               Cond({"embeds": emb, "mask": mask}), Cond({"embeds": neg, "mask": mask}), steps=M,
                                guidance=4.5, grad=True)
         out.pow(2).mean().backward()
     D = H * hd
@@ -259,7 +264,7 @@ def _tiny_dit(H, hd, layers, lat, Ct, preset):
                                   norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
                                   caption_channels=Ct)
     lc = SimpleNamespace(rank=4, alpha=4, dropout=0.0, init="default", dora=False)
-    lora.add_lora(tr, lc, lora.DIT_TARGETS[preset], "dit")
+    lora.add_lora(tr, lc, pixart.DIT_TARGETS[preset], "dit")
     return lora.set_train_mode(tr, False)
 
 

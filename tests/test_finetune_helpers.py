@@ -10,6 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from medsynth.models import pixart
+
 PIXART_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000,
                         prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
                         lower_order_final=True, thresholding=False)
@@ -62,8 +64,8 @@ def test_set_train_mode_base_dropout(base_dropout):
     from medsynth.finetune import lora
 
     c = tiny_components(text_dropout=0.1)
-    lora.add_lora(c.text_encoder, lora_settings(rank=4, alpha=4.0, dropout=0.0), lora.T5_TARGETS["full"], "T5")
-    lora.add_lora(c.transformer, lora_settings(rank=4, alpha=4.0, dropout=0.5), lora.DIT_TARGETS["paper"], "DiT")
+    lora.add_lora(c.text_encoder, lora_settings(rank=4, alpha=4.0, dropout=0.0), pixart.T5_TARGETS["full"], "T5")
+    lora.add_lora(c.transformer, lora_settings(rank=4, alpha=4.0, dropout=0.5), pixart.DIT_TARGETS["paper"], "DiT")
     for m in (c.text_encoder, c.transformer):
         lora.set_train_mode(m, base_dropout)
     ids = torch.tensor([[5, 6, 7, 8, 1]])

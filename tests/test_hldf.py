@@ -7,8 +7,11 @@ import torch
 
 from medsynth import sampling
 from medsynth.finetune import hldf, lora
+from medsynth.models import pixart
 from medsynth.recipe import HldfConfig
 from test_finetune_helpers import lora_settings, tiny_components
+
+BB = pixart.BACKBONE
 
 
 def test_colour_loss_known_answer():
@@ -48,13 +51,13 @@ def test_channel_sum_is_three_times_channel_mean():
 def test_hldf_step_follows_channel_reduction():
     c = _setup(text_encoder=False)
     with torch.no_grad():
-        emb, mask = sampling.encode_text(c.tokenizer, c.text_encoder, ["a red polyp"], 8, "cpu")
+        cond = BB.encode(c, ["a red polyp"], 8, "cpu")
     real = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     m, s = hldf.colour_stats(real)
     out = {}
     for red in ("mean", "sum"):
         hc = HldfConfig(steps=2, guidance=1.0, channel_reduction=red)
-        out[red] = hldf.hldf_step(c.transformer, c.vae, c.scheduler.config, hc, emb, mask, None, None, m, s,
+        out[red] = hldf.hldf_step(BB, c.transformer, c.vae, c.scheduler.config, hc, cond, None, m, s,
                                   torch.Generator().manual_seed(0), (1, 4, 16, 16))
     assert torch.equal(out["mean"].images, out["sum"].images)  # same samples, only the reduction differs
     assert out["sum"].loss.item() == pytest.approx(3 * out["mean"].loss.item(), rel=1e-5)
@@ -69,9 +72,9 @@ def test_weight_default_is_one_over_m():
 def _setup(text_encoder=True):
     c = tiny_components()
     lc = lora_settings(rank=4, alpha=4.0)
-    lora.add_lora(c.transformer, lc, lora.DIT_TARGETS["paper"], "dit")
+    lora.add_lora(c.transformer, lc, pixart.DIT_TARGETS["paper"], "dit")
     if text_encoder:
-        lora.add_lora(c.text_encoder, lc, lora.T5_TARGETS["full"], "t5")
+        lora.add_lora(c.text_encoder, lc, pixart.T5_TARGETS["full"], "t5")
     c.vae.requires_grad_(False)
     # B starts at zero, which makes A's gradient zero by construction: give B a value as after training.
     with torch.no_grad():
@@ -86,12 +89,12 @@ def test_hldf_step_gives_grads_to_dit_and_t5_lora(kw, ckpt):
     c = _setup()
     hc = HldfConfig(steps=4, guidance=4.5, **kw)
     prompts = ["an endoscopic image of polyp", "an endoscopic image of ulcer"]
-    emb, mask = sampling.encode_text(c.tokenizer, c.text_encoder, prompts, 12, "cpu")
-    neg, neg_mask = sampling.encode_text(c.tokenizer, c.text_encoder, ["", ""], 12, "cpu")
+    cond = BB.encode(c, prompts, 12, "cpu")
+    neg = BB.encode(c, ["", ""], 12, "cpu")
     real = torch.rand(2, 3, 32, 32) * 2 - 1
     m, s = hldf.colour_stats(real)
     real_lat = c.vae.encode(real).latent_dist.mean * c.vae.config.scaling_factor
-    r = hldf.hldf_step(c.transformer, c.vae, c.scheduler.config, hc, emb, mask, neg, neg_mask, m, s,
+    r = hldf.hldf_step(BB, c.transformer, c.vae, c.scheduler.config, hc, cond, neg, m, s,
                        torch.Generator().manual_seed(0), (2, 4, 16, 16), real_latents=real_lat, checkpoint=ckpt)
     assert r.images.shape == (2, 3, 32, 32)
     assert r.loss.item() == pytest.approx((r.color_mean + r.color_std).item() / 4, rel=1e-5)
@@ -106,28 +109,26 @@ def test_hldf_step_gives_grads_to_dit_and_t5_lora(kw, ckpt):
 def test_denoise_with_grad_matches_no_grad_sampling():
     c = _setup(text_encoder=False)
     with torch.no_grad():
-        emb, mask = sampling.encode_text(c.tokenizer, c.text_encoder, ["a red polyp"], 8, "cpu")
-        neg, neg_mask = sampling.encode_text(c.tokenizer, c.text_encoder, [""], 8, "cpu")
+        cond = BB.encode(c, ["a red polyp"], 8, "cpu")
+        neg = BB.encode(c, [""], 8, "cpu")
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     kw = dict(steps=5, guidance=3.0)
-    a = sampling.denoise(c.transformer, c.scheduler.config, x, emb, mask, neg, neg_mask, grad=True, checkpoint=True, **kw)
+    a = sampling.denoise(BB, c.transformer, c.scheduler.config, x, cond, neg, grad=True, checkpoint=True, **kw)
     with torch.no_grad():
-        b = sampling.denoise(c.transformer, c.scheduler.config, x, emb, mask, neg, neg_mask, **kw)
+        b = sampling.denoise(BB, c.transformer, c.scheduler.config, x, cond, neg, **kw)
     assert a.requires_grad and not b.requires_grad
     assert torch.allclose(a.detach(), b, atol=1e-5)
     # The scheduler is fresh per call: running twice gives the same result.
     with torch.no_grad():
-        b2 = sampling.denoise(c.transformer, c.scheduler.config, x, emb, mask, neg, neg_mask, **kw)
+        b2 = sampling.denoise(BB, c.transformer, c.scheduler.config, x, cond, neg, **kw)
     assert torch.equal(b, b2)
 
 
 def test_generate_depends_on_seed_not_batch():
     c = _setup(text_encoder=False)
     kw = dict(resolution=32, steps=3, guidance=4.5, max_length=8)
-    one = sampling.generate(c.transformer, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config,
-                            ["a red polyp"], [7], **kw)
-    many = sampling.generate(c.transformer, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config,
-                             ["an ulcer", "a red polyp"], [3, 7], batch_size=2, **kw)
+    one = sampling.generate(BB, c, ["a red polyp"], [7], **kw)
+    many = sampling.generate(BB, c, ["an ulcer", "a red polyp"], [3, 7], batch_size=2, **kw)
     assert one.shape == (1, 3, 32, 32) and one.abs().max() <= 1.0
     assert torch.allclose(one[0], many[1], atol=1e-5)
     assert not torch.allclose(many[0], many[1])

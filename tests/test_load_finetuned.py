@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth.models import pixart
+
 from test_synthesize import CLASSES, PER_IMAGES, SHARED, _recipe_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,8 +183,8 @@ def _small_update_adapter(r, out):
     torch.manual_seed(0)
     comps = load_components(r, parts=("transformer", "text_encoder"), device="cpu", dtype=torch.float32)
     lc = r.finetune.lora
-    cfgs = {"transformer": lora.add_lora(comps.transformer, lc, lora.DIT_TARGETS["paper"], "dit"),
-            "text_encoder": lora.add_lora(comps.text_encoder, lc, lora.T5_TARGETS["full"], "t5")}
+    cfgs = {"transformer": lora.add_lora(comps.transformer, lc, pixart.DIT_TARGETS["paper"], "dit"),
+            "text_encoder": lora.add_lora(comps.text_encoder, lc, pixart.T5_TARGETS["full"], "t5")}
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for model in (comps.transformer, comps.text_encoder):

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from medsynth.models import pixart
+
 import real_shaped
 from conftest import ONE_THREAD, SHARED_DATA, run_cli
 
@@ -201,12 +203,12 @@ def test_predict_noise_passes_micro_conditions_on_1024ms(loaded):
     ctx = torch.randn(2, 5, 4096, generator=g)
     mask = torch.ones(2, 5, dtype=torch.long)
     with torch.no_grad():
-        a = sampling.predict_noise(comps.transformer, x, torch.tensor([500]), ctx, mask, (64, 64))
-        b = sampling.predict_noise(comps.transformer, x, torch.tensor([500]), ctx, mask, (64, 96))
-        c = sampling.predict_noise(tr512, x, torch.tensor([500]), ctx, mask)
+        a = pixart.predict_noise(comps.transformer, x, torch.tensor([500]), ctx, mask, (64, 64))
+        b = pixart.predict_noise(comps.transformer, x, torch.tensor([500]), ctx, mask, (64, 96))
+        c = pixart.predict_noise(tr512, x, torch.tensor([500]), ctx, mask)
     assert a.shape == b.shape == c.shape == (2, 4, 8, 8)
     assert (a - b).abs().max() > 1e-6  # resolution / aspect ratio reach the DiT
-    assert sampling.uses_micro_conditions(comps.transformer) and not sampling.uses_micro_conditions(tr512)
+    assert pixart.uses_micro_conditions(comps.transformer) and not pixart.uses_micro_conditions(tr512)
 
 
 @pytest.mark.parametrize("base_dropout", [False, True])
@@ -218,7 +220,7 @@ def test_base_dropout_on_real_t5_with_lora(loaded, base_dropout):
     comps, _, _ = loaded
     te = comps.text_encoder
     if not any("lora_" in n for n, _ in te.named_parameters()):
-        lora.add_lora(te, LoraConfig(rank=4, alpha=4.0, dropout=0.0), lora.T5_TARGETS["full"], "T5")
+        lora.add_lora(te, LoraConfig(rank=4, alpha=4.0, dropout=0.0), pixart.T5_TARGETS["full"], "T5")
     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora.set_train_mode(te, base_dropout)
     ids = torch.tensor([[5, 6, 7, 8, 9, 1]])

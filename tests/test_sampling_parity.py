@@ -27,7 +27,9 @@ SEEDS = [11, 12]
 def _both(c, *, res: int, steps: int, guidance: float, max_len: int, negative: str):
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
-    ours = sampling.generate(c.transformer, c.text_encoder, c.tokenizer, c.vae, c.scheduler.config, PROMPTS, SEEDS,
+    from medsynth.models.pixart import BACKBONE
+
+    ours = sampling.generate(BACKBONE, c, PROMPTS, SEEDS,
                              resolution=res, steps=steps, guidance=guidance, max_length=max_len,
                              negative_prompt=negative, batch_size=2, device="cpu", dtype=torch.float32)
     pipe = PixArtAlphaPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae,
@@ -109,10 +111,8 @@ def real(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["512", "1024-MS"])
 def test_generate_matches_pixart_pipeline_on_real_shaped_base(real, kind):
-    import dataclasses
-
     comps, tr1024 = real
-    c = comps if kind == "512" else dataclasses.replace(comps, transformer=tr1024)
+    c = comps if kind == "512" else comps.replace(transformer=tr1024)
     # 1024-MS: the pipeline adds resolution / aspect-ratio conditions (sample_size 128); generate() must too.
     assert c.transformer.use_additional_conditions == (kind == "1024-MS")
     _check(*_both(c, res=64, steps=3, guidance=4.5, max_len=16, negative="Blurry"))

@@ -195,7 +195,7 @@ def test_tiny_base_with_taef2_layout(taef2_base):
     # The fitted default and the TAEF2 base live in different cache directories.
     from medsynth.recipe import load_recipe
 
-    fitted = load_recipe("demo", [s for s in taef2_base[2] if "autoencoder" not in s])
+    fitted = load_recipe("demo", [*(s for s in taef2_base[2] if "autoencoder" not in s), "model.tiny.autoencoder=fitted"])
     assert tiny.base_dir(fitted) != base
     # The fitted VAE's settings do not touch a TAEF2 base (no needless rebuild); the DiT's do.
     assert tiny.base_dir(load_recipe("demo", [*taef2_base[2], "model.tiny.vae_fit_steps=7", "model.tiny.latent_channels=8"])) == base
@@ -218,8 +218,9 @@ def test_sampling_decodes_taef2_latents_to_minus_one_one(taef2_base):
     r, _, _ = taef2_base
     comps = loading.load_components(r, device="cpu", dtype="fp32")
     # The untrained DiT's output is far from data latents; the soft clamp keeps decode in range.
-    imgs = sampling.generate(comps.transformer, comps.text_encoder, comps.tokenizer, comps.vae, comps.scheduler.config,
-                             ["A dermoscopic image of melanoma"] * 2, [0, 1], resolution=r.model.resolution,
+    from medsynth.models.pixart import BACKBONE
+
+    imgs = sampling.generate(BACKBONE, comps, ["A dermoscopic image of melanoma"] * 2, [0, 1], resolution=r.model.resolution,
                              steps=2, guidance=2.0, max_length=r.model.max_text_tokens)
     assert imgs.shape == (2, 3, 64, 64) and imgs.min() >= -1 and imgs.max() <= 1 and imgs.std() > 0
     # Wild latents (x100 their scale) stay bounded: the decoder's soft clamp (2.2 at most, measured).

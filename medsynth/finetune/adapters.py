@@ -2,16 +2,18 @@
 
 ``<workdir>/finetune/final/``::
 
-    transformer/       PEFT adapter dir (PeftModel.from_pretrained) or, for adapter=full, the
-                       whole DiT saved with save_pretrained (PixArtTransformer2DModel.from_pretrained)
-    text_encoder/      PEFT adapter dir (when T5 carries LoRA)
-    adapter.json       kind lora|full, base, resolution, targets, rank, alpha, dora, recipe hash, step
+    <denoiser>/        PEFT adapter dir (PeftModel.from_pretrained) or, for adapter=full, the
+                       whole denoiser saved with save_pretrained (PixArt: transformer/)
+    <text encoder>/    PEFT adapter dir per text encoder that carried LoRA (PixArt: text_encoder/)
+    adapter.json       family, kind lora|full, base, resolution, targets, rank, alpha, dora, recipe hash, step
 
-There is no single-file diffusers LoRA (``pytorch_lora_weights.safetensors``): diffusers has no
-LoRA loader for PixArt (``PixArtAlphaPipeline`` has no ``load_lora_weights``, and
-``PixArtTransformer2DModel`` no ``load_lora_adapter``, checked on diffusers 0.42), so such a file
-would load nowhere. The PEFT folders are the format; :func:`load_finetuned` applies them to a
-stock ``PixArtAlphaPipeline``.
+The folders are named like the base's sub-folders, so a finetune output mirrors the diffusers
+layout of its base. There is no single-file diffusers LoRA (``pytorch_lora_weights.safetensors``):
+diffusers has no LoRA loader for PixArt (``PixArtAlphaPipeline`` has no ``load_lora_weights``,
+and ``PixArtTransformer2DModel`` no ``load_lora_adapter``, checked on diffusers 0.42), so such a
+file would load nowhere. The PEFT folders are the format; :func:`load_finetuned` applies them to
+a stock pipeline of the family adapter.json names (outputs older than the ``family`` key are
+PixArt's).
 """
 
 from __future__ import annotations
@@ -85,10 +87,24 @@ def _root(finetune_dir) -> Path:
     return finetune_dir / "final" if (finetune_dir / "final").is_dir() else finetune_dir
 
 
+def backbone_of(info: dict):
+    """The backbone a finetune output was trained with (adapter.json ``family``; absent = the default)."""
+    from ..models.backbone import DEFAULT_FAMILY, get
+
+    return get(info.get("family") or DEFAULT_FAMILY)
+
+
 def lora_parts(finetune_dir) -> tuple[str, ...]:
-    """The components that carry a LoRA in this finetune output ('transformer', 'text_encoder')."""
+    """The components that carry a LoRA in this finetune output (e.g. 'transformer', 'text_encoder'):
+    the denoiser first, then the text encoders, in the backbone's order."""
     root = _root(finetune_dir)
-    return tuple(p for p in ("transformer", "text_encoder") if (root / p / "adapter_config.json").is_file())
+    found = [p.name for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()] if root.is_dir() else []
+    try:
+        bb = backbone_of(read_adapter_info(root))
+        order = [bb.denoiser_part, *bb.text_encoder_parts]
+    except UserError:
+        order = []
+    return tuple(sorted(found, key=lambda p: (order.index(p) if p in order else len(order), p)))
 
 
 def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
@@ -115,50 +131,63 @@ def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.
     return wrapped.unload()  # the merged base layers back in place of the LoRA wrappers
 
 
-def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=("transformer", "text_encoder")):
+def adapter_parts(finetune_dir) -> tuple[str, ...]:
+    """Every component a finetune output may change: its backbone's denoiser and text encoders."""
+    bb = backbone_of(read_adapter_info(_root(finetune_dir)))
+    return (bb.denoiser_part, *bb.text_encoder_parts)
+
+
+def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None):
     """Apply the final adapters of ``finetune_dir`` to ``components`` in place and return them.
 
-    ``components`` is anything with ``transformer`` / ``text_encoder`` attributes (medsynth's
-    :class:`~medsynth.models.loading.Components`, or a ``PixArtAlphaPipeline``); only ``parts``
-    are touched, and a part that is None is skipped. LoRA is merged into the base weights in
-    float32, then cast back to the weights' dtype (to merge against unrounded base weights, load
-    the base in float32 first, as synthesis does); ``merge=False`` leaves the LoRA layers in.
-    With ``kind: full`` the fine-tuned DiT replaces the transformer (same dtype and device).
+    ``components`` is anything with the backbone's part attributes (medsynth's
+    :class:`~medsynth.models.loading.Components`, or the family's stock pipeline); only ``parts``
+    (default: the denoiser and text encoders) are touched, and a part that is None is skipped.
+    LoRA is merged into the base weights in float32, then cast back to the weights' dtype (to
+    merge against unrounded base weights, load the base in float32 first, as synthesis does);
+    ``merge=False`` leaves the LoRA layers in. With ``kind: full`` the fine-tuned denoiser
+    replaces the loaded one (same dtype and device).
     """
     root = _root(finetune_dir)
     info = read_adapter_info(root)
-    tr = getattr(components, "transformer", None) if "transformer" in parts else None
+    bb = backbone_of(info)
+    parts = tuple(adapter_parts(root) if parts is None else parts)
+    den = info.get("denoiser") or bb.denoiser_part
+    have = lora_parts(root)
+    tr = getattr(components, den, None) if den in parts else None
     if tr is not None:
         p = next(tr.parameters())
         if info.get("kind") == "full":
-            from diffusers import PixArtTransformer2DModel
-
-            components.transformer = PixArtTransformer2DModel.from_pretrained(
-                str(root / "transformer"), torch_dtype=p.dtype).to(p.device).eval()
-        elif "transformer" in lora_parts(root):
-            components.transformer = _load_lora(tr, root / "transformer", merge).eval()
+            setattr(components, den, bb.load_full_denoiser(root / den, p.dtype).to(p.device).eval())
+        elif den in have:
+            setattr(components, den, _load_lora(tr, root / den, merge).eval())
         else:
-            raise UserError(f"{root / 'adapter.json'} says kind {info.get('kind')!r} but {root / 'transformer'} holds "
+            raise UserError(f"{root / 'adapter.json'} says kind {info.get('kind')!r} but {root / den} holds "
                             "no PEFT adapter (adapter_config.json): the finetune output is incomplete; "
                             "rerun `medsynth finetune`")
-    te = getattr(components, "text_encoder", None) if "text_encoder" in parts else None
-    if te is not None and "text_encoder" in lora_parts(root):
-        components.text_encoder = _load_lora(te, root / "text_encoder", merge).eval()
+    for part in parts:
+        if part == den:
+            continue
+        te = getattr(components, part, None)
+        if te is not None and part in have:
+            setattr(components, part, _load_lora(te, root / part, merge).eval())
     return components
 
 
 def load_finetuned(pipe, finetune_dir, *, merge: bool = True):
-    """Apply a medsynth finetune output to a stock ``PixArtAlphaPipeline`` in place; returns ``pipe``.
+    """Apply a medsynth finetune output to a stock diffusers pipeline in place; returns ``pipe``.
 
-    ``finetune_dir`` is ``<workdir>/finetune`` or its ``final/`` folder. ``pipe`` must be built
-    from the same base (``PixArtAlphaPipeline.from_pretrained(model.base)``) and keep its text
-    encoder when the finetune trained a T5 LoRA. See :func:`apply_finetuned` for ``merge``.
+    For PixArt: a ``PixArtAlphaPipeline``. ``finetune_dir`` is ``<workdir>/finetune`` or its
+    ``final/`` folder. ``pipe`` must be built from the same base (``<Pipeline>.from_pretrained(model.base)``)
+    and keep its text encoder when the finetune trained a text-encoder LoRA. See
+    :func:`apply_finetuned` for ``merge``.
     """
     root = _root(finetune_dir)
-    read_adapter_info(root)  # a clear error for a directory that is no finetune output
-    missing = [p for p in ("transformer",) + lora_parts(root) if getattr(pipe, p, None) is None]
+    info = read_adapter_info(root)  # a clear error for a directory that is no finetune output
+    den = info.get("denoiser") or backbone_of(info).denoiser_part
+    missing = [p for p in (den,) + lora_parts(root) if getattr(pipe, p, None) is None]
     if missing:
         raise UserError(f"load_finetuned: the pipeline has no {' or '.join(sorted(set(missing)))}, but {root} holds "
                         f"fine-tuned weights for it; build the pipeline with every component "
-                        "(PixArtAlphaPipeline.from_pretrained(base))")
+                        "(<Pipeline>.from_pretrained(base))")
     return apply_finetuned(pipe, root, merge=merge)

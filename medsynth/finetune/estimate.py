@@ -64,12 +64,21 @@ def _tiny_configs(recipe) -> Configs:
                    tiny.vae_config(recipe), "tiny (not built yet: configs computed from model.tiny)")
 
 
+def _backbone(recipe):
+    """The recipe's backbone; the default family when model_index.json cannot be read (the config
+    reads below then say what is missing)."""
+    from ..models.backbone import DEFAULT_FAMILY, family_of, get
+
+    return get(family_of(recipe, strict=False) or DEFAULT_FAMILY)
+
+
 def _dir_configs(recipe, base: str) -> Configs:
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from diffusers import AutoencoderKL
     from transformers import T5Config
 
     from ..models import loading
 
+    bb = _backbone(recipe)
     out = {}
     for part in ("transformer", "text_encoder", "vae"):
         kw = loading._load_kwargs(recipe, base, part)
@@ -77,12 +86,12 @@ def _dir_configs(recipe, base: str) -> Configs:
             if part == "text_encoder":
                 out[part] = T5Config.from_pretrained(base, **kw)
             else:
-                cls = PixArtTransformer2DModel if part == "transformer" else AutoencoderKL
+                cls = bb.denoiser_class() if part == "transformer" else AutoencoderKL
                 out[part] = dict(cls.load_config(base, **kw))
         except (OSError, ValueError) as e:
             raise UserError(f"model.base: cannot read {part}/config.json of {base} ({e.__class__.__name__}: "
-                            f"{str(e)[:300]}). The dry run needs only the three config.json files of a PixArt-alpha "
-                            f"base in diffusers layout ({loading.LAYOUT}). " + loading._how_to_get(base)) from None
+                            f"{str(e)[:300]}). The dry run needs only the three config.json files of a {bb.label} "
+                            f"base in diffusers layout ({bb.layout}). " + loading._how_to_get(base)) from None
     return Configs(out["transformer"], out["text_encoder"], out["vae"], base)
 
 
@@ -103,15 +112,16 @@ def meta_models(recipe, cfgs: Configs):
     import warnings
 
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from diffusers import AutoencoderKL
     from transformers import T5EncoderModel
 
     from . import lora
 
     ft = recipe.finetune
+    bb = _backbone(recipe)
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # from_config's "unused keys" note for the hub's legacy config keys
-        tr = PixArtTransformer2DModel.from_config(cfgs.transformer)
+        tr = bb.denoiser_class().from_config(cfgs.transformer)
         te = T5EncoderModel(cfgs.text_encoder)
         vae = AutoencoderKL.from_config(cfgs.vae)
     # init_empty_weights re-registers each parameter (also on assignment inside it), which unties T5's
@@ -123,9 +133,11 @@ def meta_models(recipe, cfgs: Configs):
         if ft.adapter == "full":
             tr.requires_grad_(True)
         else:
-            lora.add_lora(tr, ft.lora, lora.DIT_TARGETS[ft.lora.transformer_targets], "PixArt transformer")
+            lora.add_lora(tr, ft.lora, bb.lora_targets("denoiser", ft.lora.transformer_targets),
+                          f"{bb.label} {bb.denoiser_part}")
         if ft.lora.text_encoder:
-            lora.add_lora(te, ft.lora, lora.T5_TARGETS[ft.lora.text_encoder_targets], "T5 text encoder")
+            name = bb.text_encoder_parts[0]  # the dry run counts one text encoder (T5) for now
+            lora.add_lora(te, ft.lora, bb.lora_targets(name, ft.lora.text_encoder_targets), f"{bb.label} {name}")
     return tr, te, vae
 
 

@@ -79,16 +79,20 @@ def start_latents(hcfg, scheduler_config, shape, generator: torch.Generator, dev
     return x.to(dtype), start
 
 
-def hldf_step(transformer, vae, scheduler_config, hcfg, embeds: torch.Tensor, mask: torch.Tensor | None,
-              neg_embeds: torch.Tensor | None, neg_mask: torch.Tensor | None, real_mean: torch.Tensor,
+def hldf_step(backbone, denoiser, vae, scheduler_config, hcfg, cond, neg_cond, real_mean: torch.Tensor,
               real_std: torch.Tensor, generator: torch.Generator, latent_shape: tuple[int, ...], *,
               real_latents: torch.Tensor | None = None, checkpoint: bool = False,
               pixel_size: tuple[int, int] | None = None) -> HldfResult:
-    """One HLDF forward: sample one image per prompt with grad, decode, colour loss vs its real image."""
-    device = embeds.device
-    dtype = embeds.dtype
+    """One HLDF forward: sample one image per prompt with grad, decode, colour loss vs its real image.
+
+    ``cond`` / ``neg_cond`` are ``backbone.encode`` outputs (``neg_cond`` None: no CFG); the latents
+    take the device of the conditioning and the dtype of its first floating tensor (else float32).
+    """
+    tensors = [v for v in cond.tensors.values() if v is not None]
+    device = tensors[0].device
+    dtype = next((v.dtype for v in tensors if v.is_floating_point()), torch.float32)
     x, start = start_latents(hcfg, scheduler_config, latent_shape, generator, device, dtype, real_latents)
-    x = sampling.denoise(transformer, scheduler_config, x, embeds, mask, neg_embeds, neg_mask,
+    x = sampling.denoise(backbone, denoiser, scheduler_config, x, cond, neg_cond,
                          steps=hcfg.steps, guidance=hcfg.guidance, start_index=start, grad=True,
                          grad_last_k=hcfg.grad_last_k, checkpoint=checkpoint, pixel_size=pixel_size)
     images = sampling.decode(vae, x.float())

@@ -1,7 +1,10 @@
-"""The finetune stage: LoRA (or full) fine-tuning of PixArt-alpha's DiT and T5 with HLDF, on accelerate.
+"""The finetune stage: LoRA (or full) fine-tuning of a backbone's denoiser and text encoder(s) with HLDF, on accelerate.
 
 Design notes (why it is written this way):
 
+- The loop knows no model family: it asks the backbone (``medsynth.models.backbone``) for the
+  denoiser, the text encoders, LoRA targets, conditioning (``encode``) and predictions
+  (``predict``); docs/architecture.md shows one training step through that interface.
 - Gradient accumulation and gradient sync are handled here rather than by
   ``Accelerator.accumulate``: the HLDF step runs a second set of forwards (the M-step sampler)
   on the last micro-batch of an optimizer step, and DDP allows only one forward per backward
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from .. import console, sampling
 from ..errors import UserError
 from ..workspace import atomic_write_json, ensure_dir, sha256_file, sha256_json, write_provenance
+from ..models.backbone import Cond, for_recipe
 from . import adapters, checkpoint, hldf, lora
 
 # Settings that must not change between a checkpoint and a resumed run.
@@ -94,7 +98,7 @@ class Data:
     colour_mean: torch.Tensor           # (N, 3) real-image channel means in [-1, 1]
     colour_std: torch.Tensor            # (N, 3)
     latent_params: torch.Tensor | None  # (N, 2C, h, w) VAE posterior mean || logvar, or None (no cache)
-    text: tuple[torch.Tensor, torch.Tensor] | None  # cached (embeds (N+1, L, D), mask) incl. "" at the end
+    text: object | None                 # cached conditioning (a backbone Cond, N+1 rows) incl. "" at the end
 
 
 def batch_indices(n: int, global_batch: int, seed: int, epoch: int, b: int, rank: int, per_proc: int) -> list[int]:
@@ -216,7 +220,6 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     from ..workspace import require  # a workdir that is not a workspace is refused before any write
     require(recipe)
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
     from ..data import read_classes, read_manifest
@@ -250,44 +253,49 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     set_seed(recipe.seed)
 
     loading.check_base(recipe)
-    comps = loading.load_components(recipe, parts=("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
-                                    device=device, dtype=wdtype)
-    transformer, text_encoder, tokenizer, vae = comps.transformer, comps.text_encoder, comps.tokenizer, comps.vae
+    bb = for_recipe(recipe)
+    comps = loading.load_components(recipe, device=device, dtype=wdtype)
+    transformer, vae = bb.denoiser(comps), comps.vae  # the denoiser (a DiT or a UNet)
+    text_encoders = bb.text_encoders(comps)
     vae.to(device=device, dtype=torch.float32).requires_grad_(False).eval()
     sched_config = comps.scheduler.config
-    train_sched = DDPMScheduler.from_config(sched_config)
+    train_sched = bb.training_scheduler(sched_config)
     base_name = getattr(comps, "base", recipe.model.base)
 
     # ---- adapters
-    text_encoder.requires_grad_(False)
+    for te in text_encoders.values():
+        te.requires_grad_(False)
     if ft.adapter == "full":
         transformer.requires_grad_(True)
         transformer.to(torch.float32)  # all weights are masters here
         dit_cfg = None
     else:
-        dit_cfg = lora.add_lora(transformer, ft.lora, lora.DIT_TARGETS[ft.lora.transformer_targets], "PixArt transformer")
-    te_cfg = None
+        dit_cfg = lora.add_lora(transformer, ft.lora, bb.lora_targets("denoiser", ft.lora.transformer_targets),
+                                f"{bb.label} {bb.denoiser_part}")
+    te_cfgs = {}
     if ft.lora.text_encoder:
-        te_cfg = lora.add_lora(text_encoder, ft.lora, lora.T5_TARGETS[ft.lora.text_encoder_targets], "T5 text encoder")
-    train_te = te_cfg is not None
+        te_cfgs = {name: lora.add_lora(te, ft.lora, bb.lora_targets(name, ft.lora.text_encoder_targets),
+                                       f"{bb.label} {name}") for name, te in text_encoders.items()}
+    train_te = bool(te_cfgs)
     if ft.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing() if hasattr(vae, "enable_gradient_checkpointing") else None
-        if train_te:
-            text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in te_cfgs:
+            text_encoders[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # finetune.base_dropout: whether the frozen base's own dropout (T5 v1.1: 0.1) runs while training.
     lora.set_train_mode(transformer, ft.base_dropout)
-    lora.set_train_mode(text_encoder, ft.base_dropout) if train_te else text_encoder.eval()
-    params = lora.trainable_parameters(transformer, text_encoder)
+    for name, te in text_encoders.items():
+        lora.set_train_mode(te, ft.base_dropout) if name in te_cfgs else te.eval()
+    params = lora.trainable_parameters(transformer, *text_encoders.values())
     n_train = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in transformer.parameters()) + sum(p.numel() for p in text_encoder.parameters())
+    n_total = sum(p.numel() for p in transformer.parameters()) + sum(
+        p.numel() for te in text_encoders.values() for p in te.parameters())
 
     # ---- data and caches
     captions = read_captions(recipe, rows, classes)
     res = recipe.model.resolution
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    lat_hw = res // vae_scale
-    c_lat = sampling.unwrap(transformer).config.in_channels
+    lat_hw = res // bb.vae_scale(vae)
+    c_lat = bb.latent_channels(comps)
     max_len = recipe.model.max_text_tokens
     cache_latents = ft.cache_latents and ft.augment == "none"
     means, stds, lat_params = [], [], []
@@ -303,14 +311,13 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     data = Data([r.path for r in rows], [label_of[r.label] for r in rows], captions, torch.cat(means), torch.cat(stds),
                 torch.cat(lat_params) if cache_latents else None, None)
     if not train_te and ft.cache_text:
+        # Text encoders frozen: conditioning is a function of the caption alone, so encode each once.
         with torch.no_grad():
-            embs, masks = [], []
+            chunks = []
             texts = captions + [""]
             for i in range(0, len(texts), 16):
-                e, m = sampling.encode_text(tokenizer, text_encoder, texts[i:i + 16], max_len, device)
-                embs.append(e.to(wdtype).cpu())
-                masks.append(m.cpu())
-            data.text = (torch.cat(embs), torch.cat(masks))
+                chunks.append(bb.encode(comps, texts[i:i + 16], max_len, device).to(device="cpu", dtype=wdtype))
+            data.text = Cond.cat(chunks)
 
     n = len(rows)
     per_proc = ft.batch_size
@@ -323,10 +330,12 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     optimizer, opt_kind = _make_optimizer(ft, params, device)
     lr_sched = get_scheduler(ft.lr_scheduler if ft.lr_scheduler != "constant" or ft.warmup_steps == 0 else "constant_with_warmup",
                              optimizer, num_warmup_steps=ft.warmup_steps, num_training_steps=total)
-    if train_te:
-        transformer, text_encoder, optimizer = accelerator.prepare(transformer, text_encoder, optimizer)
-    else:
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    trained = list(te_cfgs)  # the text encoders carrying LoRA, in the backbone's order
+    prepared = accelerator.prepare(transformer, *(text_encoders[k] for k in trained), optimizer)
+    transformer, optimizer = prepared[0], prepared[-1]
+    text_encoders.update(zip(trained, prepared[1:-1]))
+    # The parts the forward passes use (wrapped by accelerate where it prepared them).
+    live = comps.replace(**{bb.denoiser_part: transformer}, **text_encoders)
     hldf_seed = recipe.seed if hc.seed is None else hc.seed
     gen = torch.Generator("cpu").manual_seed(recipe.seed * 1000 + rank + 1)
     hgen = torch.Generator("cpu").manual_seed(hldf_seed * 1000 + rank + 7)
@@ -350,7 +359,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                 raise UserError(f"cannot resume from {last}: it was trained on base {st.get('base')!r} with "
                                 f"{st.get('world')} process(es), this run uses {fp['base']!r} with {world}; "
                                 f"use the same base and process count or start afresh without --resume")
-            named = _trainable_state({"transformer": transformer, "text_encoder": text_encoder if train_te else None})
+            named = _trainable_state({bb.denoiser_part: transformer, **{k: text_encoders[k] for k in trained}})
             missing = set(named) ^ set(ck["trainable"])
             if missing:
                 raise UserError(f"cannot resume from {last}: its trainable tensors differ from this run's "
@@ -378,8 +387,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if main:
         console.info(f"finetune: {n} train images, {len(classes)} classes, {steps_per_epoch} batches/epoch x "
                      f"{global_batch} images, {total} optimizer steps; trainable {n_train:,} of {n_total:,} parameters "
-                     f"({ft.adapter}{'' if ft.adapter == 'full' else ' ' + ft.lora.transformer_targets}"
-                     f"{', T5 LoRA ' + ft.lora.text_encoder_targets if train_te else ', T5 frozen'}); optimizer {opt_kind}; "
+                     f"({bb.name} {ft.adapter}{'' if ft.adapter == 'full' else ' ' + ft.lora.transformer_targets}"
+                     f"{', text encoder LoRA ' + ft.lora.text_encoder_targets if train_te else ', text encoder frozen'}); "
+                     f"optimizer {opt_kind}; "
                      f"HLDF {'every %d steps, M=%d' % (hc.every_n_steps, hc.steps) if hc.enabled else 'off'}; device {device}")
 
     # Sample-grid prompts: the first caption of each class (fixed), seeds seed+j.
@@ -391,16 +401,15 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
             grid_prompts.append(cap)
             grid_seeds.append(recipe.seed + j)
 
-    models_for_state = {"transformer": transformer, "text_encoder": text_encoder if train_te else None}
+    models_for_state = {bb.denoiser_part: transformer, **{k: text_encoders[k] for k in trained}}
 
     def encode(idx: list[int], drop: torch.Tensor | None, grad: bool):
         texts = [("" if (drop is not None and drop[k]) else data.captions[i]) for k, i in enumerate(idx)]
         if data.text is not None:
             rows_ = [(len(data.captions) if (drop is not None and drop[k]) else i) for k, i in enumerate(idx)]
-            return data.text[0][rows_].to(device), data.text[1][rows_].to(device)
+            return data.text.rows(rows_).to(device)
         with torch.set_grad_enabled(grad), accelerator.autocast():
-            e, m = sampling.encode_text(tokenizer, text_encoder, texts, max_len, device)
-        return e, m
+            return bb.encode(live, texts, max_len, device)
 
     def latents_for(idx: list[int]) -> torch.Tensor:
         if data.latent_params is not None:
@@ -435,19 +444,22 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         if not main:
             return
         tr = sampling.unwrap(transformer)
-        te = sampling.unwrap(text_encoder)
+        tes = {k: sampling.unwrap(v) for k, v in text_encoders.items()}
         tr.eval()
-        te.eval()
+        for te in tes.values():
+            te.eval()
         try:
             with accelerator.autocast():
-                imgs = sampling.generate(tr, te, tokenizer, vae, sched_config, grid_prompts, grid_seeds, resolution=res,
-                                         steps=recipe.synthesize.steps, guidance=recipe.synthesize.guidance,
-                                         max_length=max_len, batch_size=max(1, ft.batch_size), device=device,
-                                         dtype=wdtype)
+                imgs = sampling.generate(bb, comps.replace(**{bb.denoiser_part: tr}, **tes), grid_prompts, grid_seeds,
+                                         resolution=res, steps=recipe.synthesize.steps,
+                                         guidance=recipe.synthesize.guidance, max_length=max_len,
+                                         batch_size=max(1, ft.batch_size), device=device, dtype=wdtype,
+                                         scheduler_config=sched_config)
         finally:
             # Back to the training modes set up above (a plain .train() would switch base dropout on).
             lora.set_train_mode(tr, ft.base_dropout)
-            lora.set_train_mode(te, ft.base_dropout) if train_te else te.eval()
+            for name, te in tes.items():
+                lora.set_train_mode(te, ft.base_dropout) if name in te_cfgs else te.eval()
         from ..workspace import atomic_path
 
         with atomic_path(out / "samples" / f"step-{at:07d}.png", ".png") as tmp:
@@ -470,28 +482,30 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                 idx = batch_indices(n, global_batch, recipe.seed, epoch, b, rank, per_proc)
                 last_micro = a == accum - 1
                 sync = last_micro and not hldf_now
-                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(transformer)
-                te_ctx = accelerator.no_sync(text_encoder) if (train_te and not sync) else contextlib.nullcontext()
-                with ctx, te_ctx:
+                with contextlib.ExitStack() as no_sync:
+                    if not sync:
+                        no_sync.enter_context(accelerator.no_sync(transformer))
+                        for k in trained:
+                            no_sync.enter_context(accelerator.no_sync(text_encoders[k]))
                     z0 = latents_for(idx)
                     drop = (torch.rand(len(idx), generator=gen) < ft.caption_dropout) if ft.caption_dropout > 0 else None
                     noise = torch.randn(z0.shape, generator=gen).to(device)
                     t = torch.randint(0, train_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
                     zt = train_sched.add_noise(z0, noise, t)
-                    emb, msk = encode(idx, drop, train_te)
+                    cond = encode(idx, drop, train_te)
                     with accelerator.autocast():
-                        pred = sampling.predict_noise(transformer, zt.to(wdtype), t, emb.to(wdtype), msk, (res, res))
+                        pred = bb.predict(transformer, zt.to(wdtype), t, cond.to(dtype=wdtype), (res, res))
                     target = sampling.training_target(train_sched, z0, noise, t)
                     loss = F.mse_loss(pred.float(), target.float())
                     accelerator.backward(loss / accum)
                     diff_sum += loss.detach().float().item() / accum
                     if hldf_now and last_micro:
-                        emb_h, msk_h = encode(idx, None, train_te)
-                        neg_h, negm_h = encode([0] * len(idx), torch.ones(len(idx), dtype=torch.bool), train_te)
+                        cond_h = encode(idx, None, train_te)
+                        neg_h = encode([0] * len(idx), torch.ones(len(idx), dtype=torch.bool), train_te)
                         real_lat = z0 if hc.start == "noised_real" else None
                         with accelerator.autocast():
-                            r = hldf.hldf_step(transformer, vae, sched_config, hc, emb_h.to(wdtype), msk_h,
-                                               neg_h.to(wdtype), negm_h, data.colour_mean[idx].to(device),
+                            r = hldf.hldf_step(bb, transformer, vae, sched_config, hc, cond_h.to(dtype=wdtype),
+                                               neg_h.to(dtype=wdtype), data.colour_mean[idx].to(device),
                                                data.colour_std[idx].to(device), hgen, (len(idx), c_lat, lat_hw, lat_hw),
                                                # The DiT's own block checkpointing (when enabled) already
                                                # bounds memory to block inputs per solver step; a second,
@@ -542,12 +556,14 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
 
     # ---- final adapters
     if main:
-        _write_final(out, recipe, transformer, text_encoder if train_te else None, dit_cfg, te_cfg, base_name, step)
+        _write_final(out, recipe, bb, transformer, {k: text_encoders[k] for k in trained}, dit_cfg, te_cfgs, base_name,
+                     step)
         inputs = {"manifest.csv": sha256_file(workdir / "manifest.csv")}
         if (workdir / "captions.jsonl").is_file():
             inputs["captions.jsonl"] = sha256_file(workdir / "captions.jsonl")
         write_provenance(out, recipe, "finetune", inputs=inputs, config=fp,
-                         extra={"steps": step, "resumed_from": start_step or None, "trainable_parameters": n_train,
+                         extra={"family": bb.name, "steps": step, "resumed_from": start_step or None,
+                                "trainable_parameters": n_train,
                                 "processes": world, "optimizer": opt_kind, "device": str(device),
                                 "adapter_hash": adapters.adapter_hash(out)})
     accelerator.wait_for_everyone()
@@ -555,29 +571,39 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     return out
 
 
-def _write_final(out: Path, recipe, transformer, text_encoder, dit_cfg, te_cfg, base_name: str, step: int) -> Path:
-    """Write final/ into a temporary directory, then swap it into place."""
+def _write_final(out: Path, recipe, bb, transformer, text_encoders: dict, dit_cfg, te_cfgs: dict, base_name: str,
+                 step: int) -> Path:
+    """Write final/ into a temporary directory, then swap it into place.
+
+    ``text_encoders``: the trained ones (part name -> module), ``te_cfgs`` their LoraConfigs.
+    """
     tr = sampling.unwrap(transformer)
     tmp = out / ".final.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    # PEFT folders only: diffusers has no LoRA loader for PixArt, so a single-file diffusers LoRA
-    # would load nowhere (medsynth.load_finetuned applies these folders to a stock pipeline).
+    # PEFT folders, one per trained module, named like the base's sub-folders: they load with
+    # PeftModel.from_pretrained whatever the family (medsynth.load_finetuned applies them).
+    part = bb.denoiser_part
     if dit_cfg is None:
-        tr.save_pretrained(str(tmp / "transformer"), safe_serialization=True)
+        tr.save_pretrained(str(tmp / part), safe_serialization=True)
     else:
-        adapters.save_peft_dir(tr, dit_cfg, tmp / "transformer", base_name, "transformer")
-    if text_encoder is not None:
-        te = sampling.unwrap(text_encoder)
-        adapters.save_peft_dir(te, te_cfg, tmp / "text_encoder", base_name, "text_encoder")
+        adapters.save_peft_dir(tr, dit_cfg, tmp / part, base_name, part)
+    for name, te in text_encoders.items():
+        adapters.save_peft_dir(sampling.unwrap(te), te_cfgs[name], tmp / name, base_name, name)
     lc = recipe.finetune.lora
+    te_targets = {name: bb.lora_targets(name, lc.text_encoder_targets) for name in te_cfgs}
     info = {
+        "family": bb.name,
         "kind": "full" if dit_cfg is None else "lora",
         "base": base_name,
-        "transformer_targets": None if dit_cfg is None else lora.DIT_TARGETS[lc.transformer_targets],
-        "text_encoder_targets": None if te_cfg is None else lora.T5_TARGETS[lc.text_encoder_targets],
-        "text_encoder": te_cfg is not None,
+        "denoiser": part,
+        "transformer_targets": None if dit_cfg is None else bb.lora_targets("denoiser", lc.transformer_targets),
+        # One list for a single text encoder (the common case), part name -> list for several.
+        "text_encoder_targets": (None if not te_targets else
+                                 next(iter(te_targets.values())) if len(te_targets) == 1 else te_targets),
+        "text_encoder": bool(te_cfgs),
+        "text_encoders": sorted(te_cfgs),
         "rank": lc.rank, "alpha": lc.alpha, "dora": lc.dora,
         "recipe_hash": sha256_json(_ft_config(recipe)),
         "step": step,

@@ -1,45 +1,14 @@
-"""LoRA target presets and adapter injection (peft) for the PixArt DiT and the T5 encoder.
+"""LoRA injection (peft) and training modes, for any backbone's denoiser and text encoders.
 
-``PixArtTransformer2DModel`` has no ``add_adapter``; peft's ``inject_adapter_in_model`` adds
-the LoRA layers in place, so the model keeps its class (``.config``, gradient checkpointing,
-``save_pretrained``) and DDP wraps it like any module.
-
-DiT presets (peft matches a target against the *end* of a module name):
-
-``paper`` — the list of the official Med-Art / PixArt LoRA training script:
-``to_k to_q to_v to_out.0 proj_in proj_out ff.net.0.proj ff.net.2 proj linear linear_1 linear_2``.
-In ``PixArtTransformer2DModel`` that hits
-  - every attention projection (self- and cross-attention: ``attn1/attn2.to_q/to_k/to_v/to_out.0``),
-  - the feed-forward layers ``ff.net.0.proj`` and ``ff.net.2``,
-  - the patch embedder ``pos_embed.proj`` (a Conv2d; "proj"),
-  - adaLN-single: ``adaln_single.linear`` ("linear") and the timestep MLP
-    ``adaln_single.emb.timestep_embedder.linear_1/linear_2``,
-  - the caption projection ``caption_projection.linear_1/linear_2``,
-  - the output projection ``proj_out``.
-``proj_in`` matches nothing in PixArt (kept for parity with the official list).
-
-``attn_ff`` — attention projections and feed-forward layers only, as the paper's text says.
-
-T5 presets: ``full`` = ``q k v o wi_0 wi_1 wo`` (T5 v1.1, which PixArt uses, has a gated FFN
-with ``wi_0``/``wi_1``); ``paper_parity`` = ``q k v o wi wo``, the official list, whose ``wi``
-matches no module of T5 v1.1, so the FFN input projections stay frozen there.
+The target presets belong to each family (``Backbone.lora_targets``; the PixArt presets are
+documented in :mod:`medsynth.models.pixart`). diffusers' DiT classes have no ``add_adapter``;
+peft's ``inject_adapter_in_model`` adds the LoRA layers in place, so the model keeps its class
+(``.config``, gradient checkpointing, ``save_pretrained``) and DDP wraps it like any module.
 """
 
 from __future__ import annotations
 
 import torch
-
-DIT_TARGETS: dict[str, list[str]] = {
-    "paper": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-              "proj", "linear", "linear_1", "linear_2"],
-    "attn_ff": ["to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"],
-}
-
-T5_TARGETS: dict[str, list[str]] = {
-    "full": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    "paper_parity": ["q", "k", "v", "o", "wi", "wo"],
-}
-
 
 def matched_modules(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """Names of the Linear/Conv2d modules that peft's suffix matching hits (for docs and tests)."""

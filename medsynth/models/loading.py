@@ -34,6 +34,9 @@ _TRUE = {"1", "true", "yes", "on"}
 # What a sub-folder must hold to be loadable: (config file, weight-file patterns); None = no weights.
 _NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "transformer": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "unet": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
+    "text_encoder_2": (("config.json",), ("model*.safetensors", "pytorch_model*.bin")),
+    "tokenizer_2": (("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json"), None),
     "vae": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
     "text_encoder": (("config.json",), ("model*.safetensors", "pytorch_model*.bin")),
     "tokenizer": (("tokenizer.json", "spiece.model"), None),
@@ -99,9 +102,9 @@ def resolve_base(recipe) -> str:
     if not base:
         raise UserError(f"model.base is empty; give a Hugging Face id (e.g. {DEFAULT_BASE}), a local diffusers directory, or 'tiny'")
     if base == "tiny":
-        from .tiny import ensure_tiny_base
+        from .backbone import for_recipe
 
-        return str(ensure_tiny_base(recipe).resolve())
+        return str(for_recipe(recipe).build_tiny(recipe).resolve())
     if _is_local(base):
         return str(Path(base).expanduser().resolve())
     return base
@@ -137,17 +140,27 @@ def missing_parts(root: Path, parts=PARTS) -> list[str]:
     return missing
 
 
-def _layout_error(what: str, missing: list[str], base: str) -> UserError:
+def _layout_error(what: str, missing: list[str], base: str, bb=None) -> UserError:
+    label, layout = (bb.label, bb.layout) if bb is not None else ("PixArt-alpha", LAYOUT)
     return UserError(
         f"model.base: {what} cannot be loaded: missing {', '.join(missing)}. "
-        f"A PixArt-alpha base in diffusers layout holds {LAYOUT} (each with its config and weights). "
+        f"A {label} base in diffusers layout holds {layout} (each with its config and weights). "
         + _how_to_get(base))
 
 
-def check_base(recipe, parts=PARTS) -> None:
-    """Fail fast, before any work, when ``model.base`` (the listed parts) cannot be loaded."""
+def _backbone_or_none(recipe):
+    """The recipe's backbone, or None when model_index.json cannot be read (check_base says what is missing)."""
+    from .backbone import family_of, get
+
+    family = family_of(recipe, strict=False)
+    return None if family is None else get(family)
+
+
+def check_base(recipe, parts=None) -> None:
+    """Fail fast, before any work, when ``model.base`` (the listed parts; default: all its family's) cannot be loaded."""
     base = resolve_base(recipe)
-    parts = tuple(parts)
+    bb = _backbone_or_none(recipe)
+    parts = tuple(parts if parts is not None else (bb.parts if bb is not None else PARTS))
     if recipe.model.base.strip() == "tiny" or _is_local(base):
         root = Path(base)
         if not root.is_dir():
@@ -155,7 +168,7 @@ def check_base(recipe, parts=PARTS) -> None:
                             "a Hugging Face id, or 'tiny'. " + _how_to_get(recipe.model.base))
         missing = missing_parts(root, parts)
         if missing:
-            raise _layout_error(str(root), missing, recipe.model.base)
+            raise _layout_error(str(root), missing, recipe.model.base, bb)
         return
     _check_hub(base, recipe.model.revision, parts)
 
@@ -206,16 +219,27 @@ def _check_hub(repo_id: str, revision: str | None, parts) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
-@dataclass
 class Components:
-    """Loaded parts of the base; a part that was not asked for is None. ``base`` = resolved id or dir."""
+    """Loaded parts of the base, by diffusers sub-folder name (``transformer``, ``text_encoder``, ...);
+    a part that was not asked for reads as None. ``base`` = resolved id or dir, ``family`` = backbone name."""
 
-    transformer: Any = None
-    text_encoder: Any = None
-    tokenizer: Any = None
-    vae: Any = None
-    scheduler: Any = None
-    base: str = ""
+    def __init__(self, base: str = "", family: str = "", **parts: Any):
+        self.base = base
+        self.family = family
+        for k, v in parts.items():
+            setattr(self, k, v)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return None
+
+    def replace(self, **parts: Any) -> Components:
+        """A shallow copy with some parts replaced (e.g. the unwrapped training modules)."""
+        out = Components()
+        vars(out).update(vars(self))
+        vars(out).update(parts)
+        return out
 
 
 def _load_kwargs(recipe, base: str, subfolder: str) -> dict:
@@ -223,9 +247,10 @@ def _load_kwargs(recipe, base: str, subfolder: str) -> dict:
             "local_files_only": is_offline() or _is_local(base)}
 
 
-def _wrap(base: str, part: str, e: Exception) -> UserError:
+def _wrap(base: str, part: str, e: Exception, bb=None) -> UserError:
+    label, layout = (bb.label, bb.layout) if bb is not None else ("PixArt-alpha", LAYOUT)
     return UserError(f"model.base: loading {part}/ of {base} failed ({e.__class__.__name__}: {str(e)[:400]}). "
-                     f"The directory or repo must hold a PixArt-alpha pipeline in diffusers layout ({LAYOUT}). "
+                     f"The directory or repo must hold a {label} pipeline in diffusers layout ({layout}). "
                      + _how_to_get(base))
 
 
@@ -312,41 +337,36 @@ def _tokenizer_from(base: str, kw: dict):
             raise e from None
 
 
-def load_components(recipe, parts=PARTS, device=None, dtype=None) -> Components:
-    """Load the asked-for parts with ``from_pretrained``; models go to ``device`` in ``dtype``, in eval mode.
+def load_components(recipe, parts=None, device=None, dtype=None) -> Components:
+    """Load the asked-for parts (default: every part of the recipe's family) with ``from_pretrained``;
+    models go to ``device`` in ``dtype``, in eval mode. The family's backbone picks each part's class.
 
     ``device``/``dtype`` default to ``model.device``/``model.dtype``; both accept strings too.
     """
     import torch
-    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
-    from transformers import T5EncoderModel
 
-    parts = tuple(parts)
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise ValueError(f"unknown part(s) {unknown}; choose from {PARTS}")
+    from .backbone import family_of, get
+
     device = resolve_device(recipe.model.device) if device is None else (
         device if isinstance(device, torch.device) else resolve_device(str(device)))
     dtype = resolve_dtype(recipe.model.dtype if dtype is None else dtype)
     base = resolve_base(recipe)
+    if parts is not None and any(p not in _NEEDS for p in parts):
+        raise ValueError(f"unknown part(s) {[p for p in parts if p not in _NEEDS]}; choose from {tuple(_NEEDS)}")
     check_base(recipe, parts=parts)
+    bb = get(family_of(recipe))
+    parts = tuple(bb.parts if parts is None else parts)
+    unknown = [p for p in parts if p not in bb.parts]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; choose from {bb.parts}")
 
-    out = Components(base=base)
+    out = Components(base=base, family=bb.name)
     for part in parts:
         kw = _load_kwargs(recipe, base, part)
         try:
-            if part == "transformer":
-                m = PixArtTransformer2DModel.from_pretrained(base, torch_dtype=dtype, **kw)
-            elif part == "vae":
-                m = _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
-            elif part == "text_encoder":
-                m = T5EncoderModel.from_pretrained(base, dtype=dtype, **kw)
-            elif part == "tokenizer":
-                m = _tokenizer_from(base, kw)
-            else:
-                m = DPMSolverMultistepScheduler.from_pretrained(base, **kw)
+            m = bb.load_part(part, base, kw, dtype)
         except (OSError, ValueError) as e:
-            raise _wrap(base, part, e) from None
+            raise _wrap(base, part, e, bb) from None
         if isinstance(m, torch.nn.Module):
             m = m.to(device).eval()
         setattr(out, part, m)

@@ -1,7 +1,8 @@
 """The synthesize stage: a class-balanced, labelled synthetic data set in WebDataset shards.
 
 ``run(recipe)`` plans the images per class, picks a prompt for every sample, generates them in
-batches with the (fine-tuned) PixArt-alpha pipeline and writes ``<workdir>/synthetic/``
+batches with the (fine-tuned) base model's stock diffusers pipeline (through its backbone,
+``medsynth.models.backbone``) and writes ``<workdir>/synthetic/``
 (docs/output-format.md). Properties the rest of the project relies on:
 
 - Determinism: sample ``<class>-<index>`` gets its prompt and initial noise from
@@ -146,14 +147,13 @@ def load_model(recipe, adapter: Path | None, device, dtype):
 
     from ..models.loading import load_components
 
-    comps = load_components(recipe, parts=("transformer", "text_encoder", "tokenizer", "vae", "scheduler"),
-                            device=device, dtype=dtype)
+    comps = load_components(recipe, device=device, dtype=dtype)
     if adapter is None:
         return comps
-    from ..finetune.adapters import apply_finetuned, lora_parts
+    from ..finetune.adapters import adapter_parts, apply_finetuned, lora_parts
 
     fp32 = lora_parts(adapter) if dtype != torch.float32 else ()
-    apply_finetuned(comps, adapter, parts=[p for p in ("transformer", "text_encoder") if p not in fp32])
+    apply_finetuned(comps, adapter, parts=[p for p in adapter_parts(adapter) if p not in fp32])
     for part in fp32:
         masters = load_components(recipe, parts=(part,), device="cpu", dtype=torch.float32)
         apply_finetuned(masters, adapter, parts=(part,))
@@ -339,13 +339,16 @@ def _make_engine(recipe, adapter, adapter_hash, state):
         console.info(f"synthesize: fine-tuned weights from {adapter} (adapter {adapter_hash[:12]})")
     else:
         console.info("synthesize: base model only (--base-only)")
-    for m in (comps.transformer, comps.text_encoder, comps.vae):
+    from ..models.backbone import get
+
+    bb = get(comps.family)
+    for m in (bb.denoiser(comps), *bb.text_encoders(comps).values(), comps.vae):
         m.eval().requires_grad_(False)
 
     from .engine import Engine
 
     s = recipe.synthesize
-    return Engine(comps, resolution=recipe.model.resolution, steps=s.steps, guidance=s.guidance,
+    return Engine(comps, bb, resolution=recipe.model.resolution, steps=s.steps, guidance=s.guidance,
                   negative_prompt=s.negative_prompt, max_text_tokens=recipe.model.max_text_tokens,
                   device=device, dtype=dtype)
 
@@ -507,8 +510,10 @@ def _finalize(recipe, out: Path, plan: Plan, fmt: str, ext: str, settings: dict,
     own = out.resolve() == default_out(recipe).resolve()
     write_card(out, license=recipe.synthesize.license, modality=recipe.modality, name=recipe.name,
                workdir=workdir if own else None)
+    from ..models.backbone import family_of
+
     write_provenance(out, recipe, "synthesize", inputs=inputs, config=settings, complete=True,
-                     extra={"total": plan.total, "counts": plan.counts, "format": fmt, "out": str(out)})
+                     extra={"family": family_of(recipe), "total": plan.total, "counts": plan.counts, "format": fmt, "out": str(out)})
 
 
 def summary(out: str | os.PathLike) -> dict:

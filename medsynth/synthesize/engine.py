@@ -1,12 +1,14 @@
-"""Batched generation with the stock PixArtAlphaPipeline, built once.
+"""Batched generation with the backbone's stock diffusers pipeline, built once.
 
-Why the stock pipeline: it is the reference implementation of PixArt-alpha sampling (CFG in
-one batch of 2B, learned-sigma split, micro-conditions of the 1024 px model, VAE decode), and
-it accepts precomputed ``prompt_embeds`` and ``latents``, which is all the speed and
-determinism we need. What we add around it:
+Why the stock pipeline: it is the reference implementation of its family's sampling (CFG in one
+batch of 2B, the family's own output handling and micro-conditions, VAE decode), and the
+pipelines accept precomputed conditioning and ``latents``, which is all the speed and determinism
+we need. The backbone (``medsynth.models.backbone``) builds the pipeline and calls it. What we
+add around it:
 
-- T5 runs once per distinct prompt (cached on the CPU), never per image; each prompt is
-  encoded on its own, so its embedding cannot depend on which other prompts share a batch.
+- The text encoder runs once per distinct prompt (cached on the CPU), never per image; each
+  prompt is encoded on its own, so its conditioning cannot depend on which other prompts share a
+  batch.
 - The initial noise of every sample comes from its own CPU generator seeded from
   (recipe seed, class, index), so an image does not depend on batch size or process count.
 """
@@ -20,61 +22,60 @@ import torch
 
 from .plan import Sample
 
-# Upper bound of the prompt-embedding cache (bytes). PixArt-alpha's T5 output for one prompt
-# is 120 x 4096 values (~1 MB in bf16), so thousands of distinct captions fit comfortably.
+# Upper bound of the prompt-conditioning cache (bytes). A 120 x 4096 T5 output for one prompt
+# is ~1 MB in bf16, so thousands of distinct captions fit comfortably.
 EMBED_CACHE_BYTES = 4 << 30
 
 
 class Engine:
-    def __init__(self, components, *, resolution: int, steps: int, guidance: float, negative_prompt: str,
-                 max_text_tokens: int, device, dtype):
-        from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    def __init__(self, components, backbone=None, *, resolution: int, steps: int, guidance: float,
+                 negative_prompt: str, max_text_tokens: int, device, dtype):
+        """``backbone`` defaults to the family ``components`` were loaded as (``load_components``)."""
+        if backbone is None:
+            from ..models.backbone import DEFAULT_FAMILY, get
 
-        # DPM-Solver++ (2nd order multistep, deterministic: no noise is injected between steps).
-        scheduler = DPMSolverMultistepScheduler.from_config(components.scheduler.config, algorithm_type="dpmsolver++")
-        self.pipe = PixArtAlphaPipeline(tokenizer=components.tokenizer, text_encoder=components.text_encoder,
-                                        vae=components.vae, transformer=components.transformer, scheduler=scheduler)
+            backbone = get(getattr(components, "family", None) or DEFAULT_FAMILY)
+        self.backbone = backbone
+        self.pipe = backbone.stock_pipeline(components, backbone.sampling_scheduler(components.scheduler.config))
         self.pipe.set_progress_bar_config(disable=True)
-        self.tokenizer = components.tokenizer
-        self.text_encoder = components.text_encoder
-        self.transformer = components.transformer
+        self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
         self.resolution = resolution
         self.steps = steps
         self.guidance = guidance
         self.max_text_tokens = max_text_tokens
-        vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
+        vae_scale = backbone.vae_scale(components.vae)
         if resolution % vae_scale:
             from ..errors import UserError
 
             raise UserError(f"model.resolution {resolution} is not a multiple of the VAE's downsampling factor {vae_scale}")
-        self.latent_shape = (self.transformer.config.in_channels, resolution // vae_scale, resolution // vae_scale)
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        lat = resolution // vae_scale
+        self.latent_shape = (backbone.latent_channels(components), lat, lat)
+        self._cache: OrderedDict = OrderedDict()
         self._cache_bytes = 0
         self.n_encoded = 0
         self.negative = self._encode(negative_prompt) if guidance > 1.0 else None
 
     @torch.no_grad()
-    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models.loading import encode_prompts
-
-        embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, [prompt], self.max_text_tokens, self.device)
+    def _encode(self, prompt: str):
+        cond = self.backbone.encode(self.components, [prompt], self.max_text_tokens, self.device)
         self.n_encoded += 1
-        return embeds.to("cpu", self.dtype), mask.to("cpu")
+        return cond.to(device="cpu", dtype=self.dtype)
 
-    def embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, prompt: str):
+        """The conditioning (a backbone ``Cond``, one row, on the CPU) of ``prompt``, cached."""
         hit = self._cache.get(prompt)
         if hit is not None:
             self._cache.move_to_end(prompt)
             return hit
-        e, m = self._encode(prompt)
-        self._cache[prompt] = (e, m)
-        self._cache_bytes += e.numel() * e.element_size()
+        c = self._encode(prompt)
+        self._cache[prompt] = c
+        self._cache_bytes += c.nbytes()
         while self._cache_bytes > EMBED_CACHE_BYTES and len(self._cache) > 1:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cache_bytes -= old.numel() * old.element_size()
-        return e, m
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes()
+        return c
 
     def noise(self, samples: list[Sample]) -> torch.Tensor:
         # Drawn on the CPU in float32, then moved: the same seed gives the same noise on any device.
@@ -90,19 +91,11 @@ class Engine:
     @torch.no_grad()
     def generate_float(self, samples: list[Sample], prompts: dict[str, str]) -> np.ndarray:
         """The pipeline's float images in [0, 1], shape (B, H, W, 3), before rounding to 8 bits."""
-        pairs = [self.embed(prompts[s.key]) for s in samples]
-        embeds = torch.cat([e for e, _ in pairs]).to(self.device)
-        mask = torch.cat([m for _, m in pairs]).to(self.device)
-        kwargs = {}
+        from ..models.backbone import Cond
+
+        cond = Cond.cat([self.embed(prompts[s.key]) for s in samples]).to(device=self.device)
+        neg = None
         if self.negative is not None:
-            b = len(samples)
-            kwargs["negative_prompt_embeds"] = self.negative[0].to(self.device).expand(b, -1, -1)
-            kwargs["negative_prompt_attention_mask"] = self.negative[1].to(self.device).expand(b, -1)
-        images = self.pipe(
-            prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None, latents=self.noise(samples),
-            num_inference_steps=self.steps, guidance_scale=self.guidance,
-            height=self.resolution, width=self.resolution,
-            # Binning would snap a custom resolution to PixArt's aspect-ratio table and resize back.
-            use_resolution_binning=False, output_type="np", return_dict=False, **kwargs,
-        )[0]
-        return images
+            neg = self.negative.to(device=self.device).expand(len(samples))
+        return self.backbone.pipeline_generate(self.pipe, cond, neg, self.noise(samples), steps=self.steps,
+                                               guidance=self.guidance, resolution=self.resolution)
