@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +21,7 @@ from medsynth.prompts import simple_caption
 from medsynth.recipe import load_recipe
 from medsynth.models.loading import load_tokenizer
 from tiny_vlm import build_tiny_llava_next, build_tiny_t5_simplifier
+from _helpers import kill_medsynth_when, link_subset, shared_data_dir
 
 CLASSES = ("melanocytic-nevus", "melanoma", "vascular-lesion")
 
@@ -36,16 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Data root with 4 real images of each of 3 HAM10000 classes, a tiny VLM, simplifier and base tokenizer."""
-    from conftest import SHARED_DATA  # the shared_data fixture is function-scoped; this one is per module
-
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the tests expect ../shared/data beside the project")
     root = tmp_path_factory.mktemp("caption-assets")
-    data = root / "data"
-    for c in CLASSES:
-        (data / c).mkdir(parents=True)
-        for f in sorted((SHARED_DATA / "ham10000" / c).glob("*.jpg"))[:4]:
-            shutil.copy(f, data / c / f.name)
+    link_subset(shared_data_dir() / "ham10000", root / "data", CLASSES, per_class=4, copy=True)
     build_tiny_llava_next(root / "vlm")
     build_tiny_t5_simplifier(root / "t5")
     return root
@@ -122,16 +110,8 @@ def test_kill_9_then_resume_gives_the_same_captions(assets, vlm_run, tmp_path, c
     path, recipe = _prepared(assets, tmp_path)
     out = recipe.workdir_path / "captions.jsonl"
     env = {**os.environ, **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "medsynth", "caption", str(path), "-q"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if out.is_file() and out.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_medsynth_when(["caption", str(path), "-q"], lambda: out.is_file() and out.read_bytes().count(b"\n") >= 1,
+                       env=env, timeout=120, poll=0.02)
     n_before = out.read_bytes().count(b"\n")
     assert 1 <= n_before < 9
     with open(out, "ab") as fh:  # and as if the kill had torn a write in half

@@ -8,13 +8,8 @@ kept samples are checked against it with distances recomputed independently of c
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,61 +17,24 @@ import pytest
 
 from medsynth.errors import UserError
 
+from _helpers import kill_medsynth_when, prepare_manifest_workspace, tiny_manifest_recipe
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ("impacted-stool", "polyps")
 PER_CLASS = 2
 OVERSAMPLE = 3.0
 
 
 def _recipe_text(tmp: Path, manifest: Path, min_distance: float, min_score: float = 0.0) -> str:
-    return f"""# medsynth synthesize (curation test)
-name: curate-test
-workdir: {tmp / 'ws'}
-seed: 0
-modality: endoscopic
-data:
-  manifest: {manifest}
-model:
-  base: tiny
-  resolution: 32
-  dtype: fp32
-  device: cpu
-  max_text_tokens: 16
-  tiny:
-    layers: 1
-    heads: 2
-    head_dim: 8
-    text_layers: 1
-    text_dim: 32
-    vae_channels: [16, 32]
-    vocab_size: 200
-    vae_fit_steps: 2
-    vae_fit_batch: 4
-synthesize:
-  per_class: {PER_CLASS}
-  steps: 2
-  batch_size: 2
-  shard_size: 3
-  grid_per_class: 0
-  prompt_source: simple
-  curate:
-    enabled: true
-    oversample: {OVERSAMPLE}
-    judge: real
-    min_score: {min_score}
-    min_distance: {min_distance}
-classify:
-  model: resnet10t
-  pretrained: false
-  image_size: 32
-  epochs: 1
-  batch_size: 8
-  device: cpu
-  num_workers: 0
-"""
+    return tiny_manifest_recipe(
+        "curate-test", tmp / "ws", manifest,
+        synthesize={"per_class": PER_CLASS, "steps": 2, "batch_size": 2, "shard_size": 3, "grid_per_class": 0,
+                    "prompt_source": "simple",
+                    "curate": {"enabled": True, "oversample": OVERSAMPLE, "judge": "real", "min_score": min_score,
+                               "min_distance": min_distance}},
+        classify={"model": "resnet10t", "pretrained": False, "image_size": 32, "epochs": 1, "batch_size": 8,
+                  "device": "cpu", "num_workers": 0})
 
 
 def _write_recipe(ws, name: str, **kw) -> Path:
@@ -87,22 +45,14 @@ def _write_recipe(ws, name: str, **kw) -> Path:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests expect ../shared/data beside the project")
-    from medsynth import data, synthesize
+    from medsynth import synthesize
     from medsynth.recipe import load_recipe
 
-    tmp = tmp_path_factory.mktemp("curate")
-    manifest = tmp / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        for c in CLASSES:
-            for p in sorted((SHARED / "hyperkvasir" / c).iterdir())[:5]:
-                w.writerow([str(p), c])
-    ws = {"tmp": tmp, "manifest": manifest}
-    r = load_recipe(_write_recipe(ws, "probe.yaml", min_distance=0.0))
-    data.run(r)
+    prep = prepare_manifest_workspace(tmp_path_factory.mktemp("curate"),
+                                      lambda tmp, manifest: _recipe_text(tmp, manifest, min_distance=0.0),
+                                      CLASSES, per_class=5, recipe_name="probe.yaml")
+    tmp, r = prep["tmp"], prep["recipe"]
+    ws = {"tmp": tmp, "manifest": prep["manifest"]}
     assert not (r.workdir_path / "classify" / "real").exists()
     # Probe: curation without a distance threshold, to learn the candidates' distances.
     probe = tmp / "probe"
@@ -208,16 +158,8 @@ def test_kill_midway_then_rerun_gives_the_same_bytes(ws):
 
     out = ws["tmp"] / "killed"
     env = {**os.environ, "MEDSYNTH_SYNTH_BATCH_DELAY": "1.0", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "medsynth", "-q", "synthesize", str(ws["recipe"]),
-                             "--base-only", "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / ".curate").rglob("batch-*.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_medsynth_when(["-q", "synthesize", str(ws["recipe"]), "--base-only", "--out", str(out)],
+                       lambda: len(list((out / ".curate").rglob("batch-*.json"))) >= 2, env=env)
     assert not (out / "index.json").exists()
     scored = len(_records(out))
     assert scored >= 2

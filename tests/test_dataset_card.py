@@ -7,73 +7,32 @@ and describe the columns Hugging Face ``datasets`` really yields for these files
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
+from _helpers import prepare_manifest_workspace, tiny_manifest_recipe
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 CLASSES = ("impacted-stool", "polyps")
 PER_CLASS = 3
 
 
 def _recipe_text(tmp: Path, manifest: Path) -> str:
-    return f"""# medsynth synthesize (dataset card test)
-name: card-test
-workdir: {tmp / 'ws'}
-seed: 0
-modality: endoscopic
-data:
-  manifest: {manifest}
-model:
-  base: tiny
-  resolution: 32
-  dtype: fp32
-  device: cpu
-  max_text_tokens: 16
-  tiny:
-    layers: 1
-    heads: 2
-    head_dim: 8
-    text_layers: 1
-    text_dim: 32
-    vae_channels: [16, 32]
-    vocab_size: 200
-    vae_fit_steps: 2
-    vae_fit_batch: 4
-synthesize:
-  steps: 2
-  batch_size: 3
-  shard_size: 4
-  grid_per_class: 1
-  prompt_source: simple
-"""
+    return tiny_manifest_recipe("card-test", tmp / "ws", manifest,
+                                synthesize={"steps": 2, "batch_size": 3, "shard_size": 4, "grid_per_class": 1,
+                                            "prompt_source": "simple"})
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests expect ../shared/data beside the project")
-    from medsynth import data, synthesize
-    from medsynth.recipe import load_recipe
+    from medsynth import synthesize
 
-    tmp = tmp_path_factory.mktemp("card")
-    manifest = tmp / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        for c in CLASSES:
-            for p in sorted((SHARED / "hyperkvasir" / c).iterdir())[:3]:
-                w.writerow([str(p), c])
-    path = tmp / "recipe.yaml"
-    path.write_text(_recipe_text(tmp, manifest))
-    r = load_recipe(path)
-    data.run(r)
+    prep = prepare_manifest_workspace(tmp_path_factory.mktemp("card"), _recipe_text, CLASSES, per_class=3)
+    tmp, path, r = prep["tmp"], prep["recipe_path"], prep["recipe"]
     out = synthesize.run(r, per_class=PER_CLASS, base_only=True)
     return {"recipe": path, "out": out, "tmp": tmp, "workdir": r.workdir_path}
 

@@ -4,41 +4,28 @@ and exact resume after kill -9."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import TINY_FT_MODEL, kill_medsynth_when, link_subset, set_args
+
 
 def _subset(src: Path, dst: Path, classes=("polyps", "normal-cecum", "impacted-stool"), per_class=6) -> Path:
-    for c in classes:
-        (dst / c).mkdir(parents=True)
-        for f in sorted((src / c).iterdir())[:per_class]:
-            (dst / c / f.name).symlink_to(f.resolve())
-    return dst
+    return link_subset(src, dst, classes, per_class)
+
+
+# A smaller tiny base than the demo's (TINY_FT_MODEL), VAE left unfitted: these tests are about the training mechanics.
+FT = {"model.tiny.autoencoder": "fitted", "modality": "endoscopic", "finetune.batch_size": 4,
+      "finetune.learning_rate": 2e-3, "finetune.hldf.every_n_steps": 4, "finetune.hldf.steps": 3,
+      "finetune.checkpoint_every": 3, "finetune.sample_every": 1000, "finetune.log_every": 1,
+      "finetune.samples_per_class": 2, "synthesize.steps": 4}
 
 
 def _sets(tmp: Path, data: Path, **extra) -> list[str]:
-    # A smaller tiny base than the demo's, VAE left unfitted: these tests are about the training mechanics.
-    kv = {"data.root": str(data), "workdir": str(tmp / "ws"), "model.resolution": 32, "model.tiny.autoencoder": "fitted",
-          "model.tiny.vae_fit_steps": 0,
-          "model.tiny.layers": 2, "model.tiny.heads": 2, "model.tiny.head_dim": 8, "model.tiny.text_layers": 1,
-          "model.tiny.text_dim": 32, "model.tiny.vae_channels": "[8,16]", "model.max_text_tokens": 24,
-          "modality": "endoscopic", "finetune.batch_size": 4, "finetune.learning_rate": 2e-3,
-          "finetune.hldf.every_n_steps": 4, "finetune.hldf.steps": 3, "finetune.checkpoint_every": 3,
-          "finetune.sample_every": 1000, "finetune.log_every": 1, "finetune.samples_per_class": 2,
-          "synthesize.steps": 4}
-    kv.update(extra)
-    out = []
-    for k, v in kv.items():
-        out += ["--set", f"{k}={v}"]
-    return out
+    return set_args(tmp, data, TINY_FT_MODEL, FT, extra)
 
 
 def _read_log(ws: Path) -> list[dict]:
@@ -129,18 +116,8 @@ def test_resume_after_kill_matches_uninterrupted_run(prepared, cli):
 
     # A long run (constant LR, so its length does not change the first 6 steps), killed hard as soon
     # as the step-3 checkpoint is complete.
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "medsynth", "finetune", "demo", "--max-steps", "1000", *sets],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck3 = ws / "finetune" / "checkpoints" / "step-0000003" / "state.json"
-    deadline = time.time() + 300
-    while not ck3.is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_medsynth_when(["finetune", "demo", "--max-steps", "1000", *sets], ck3.is_file, poll=0.01)
     assert not (ws / "finetune" / "final").exists()
     done = sorted(p.name for p in (ws / "finetune" / "checkpoints").glob("step-*"))
     assert done == ["step-0000003"], done  # killed before the next checkpoint: resume really restarts at 3

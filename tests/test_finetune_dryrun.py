@@ -17,27 +17,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import ONE_THREAD
+from _helpers import TINY_FT_MODEL, link_subset, set_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _subset(src: Path, dst: Path, classes=("polyps", "normal-cecum"), per_class=4) -> Path:
-    for c in classes:
-        (dst / c).mkdir(parents=True)
-        for f in sorted((src / c).iterdir())[:per_class]:
-            (dst / c / f.name).symlink_to(f.resolve())
-    return dst
+    return link_subset(src, dst, classes, per_class)
+
+
+FT = {"finetune.adapter": "lora", "finetune.batch_size": 2, "finetune.hldf.every_n_steps": 1, "finetune.hldf.steps": 2,
+      "finetune.sample_every": 1000, "finetune.samples_per_class": 1, "synthesize.steps": 2}
 
 
 def _sets(tmp: Path, data: Path, **extra) -> list[str]:
-    kv = {"data.root": str(data), "workdir": str(tmp / "ws"), "model.resolution": 32, "model.tiny.vae_fit_steps": 0,
-          "model.tiny.layers": 2, "model.tiny.heads": 2, "model.tiny.head_dim": 8, "model.tiny.text_layers": 1,
-          "model.tiny.text_dim": 32, "model.tiny.vae_channels": "[8,16]", "model.max_text_tokens": 24,
-          "finetune.adapter": "lora", "finetune.batch_size": 2, "finetune.hldf.every_n_steps": 1,
-          "finetune.hldf.steps": 2, "finetune.sample_every": 1000, "finetune.samples_per_class": 1,
-          "synthesize.steps": 2}
-    kv.update(extra)
-    return [x for k, v in kv.items() for x in ("--set", f"{k}={v}")]
+    return set_args(tmp, data, TINY_FT_MODEL, FT, extra)
 
 
 def _tree(root: Path) -> dict:

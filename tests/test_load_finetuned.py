@@ -15,7 +15,8 @@ import torch
 
 from medsynth.models import pixart
 
-from test_synthesize import CLASSES, PER_IMAGES, SHARED, _recipe_text
+from _helpers import prepare_manifest_workspace
+from test_synthesize import CLASSES, PER_IMAGES, _recipe_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,25 +29,11 @@ FT_SETS = ["finetune.adapter=lora", "finetune.max_steps=3", "finetune.batch_size
 @pytest.fixture(scope="module")
 def ft(tmp_path_factory):
     """(recipe path, loaded recipe, workdir) with the workspace prepared and a 3-step LoRA finetune done."""
-    import csv
+    from medsynth import finetune
 
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests expect ../shared/data beside the project")
-    from medsynth import data, finetune
-    from medsynth.recipe import load_recipe
-
-    tmp = tmp_path_factory.mktemp("loadft")
-    manifest = tmp / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        for c in CLASSES:
-            for p in sorted((SHARED / "hyperkvasir" / c).iterdir())[:PER_IMAGES]:
-                w.writerow([str(p), c])
-    recipe_path = tmp / "recipe.yaml"
-    recipe_path.write_text(_recipe_text(tmp, manifest))
-    r = load_recipe(recipe_path, FT_SETS)
-    data.run(r)
+    prep = prepare_manifest_workspace(tmp_path_factory.mktemp("loadft"), _recipe_text, CLASSES, PER_IMAGES,
+                                      sets=FT_SETS)
+    tmp, recipe_path, r = prep["tmp"], prep["recipe_path"], prep["recipe"]
     finetune.run(r)
     return {"recipe_path": recipe_path, "recipe": r, "workdir": r.workdir_path, "tmp": tmp}
 

@@ -8,14 +8,11 @@ run again).
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +21,8 @@ from PIL import Image
 
 from medsynth.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from _helpers import kill_medsynth_when, prepare_manifest_workspace, tiny_manifest_recipe
+
 CLASSES = ("impacted-stool", "polyps")
 PER_IMAGES = 3
 PER_CLASS = 7
@@ -33,58 +30,16 @@ N = PER_CLASS * len(CLASSES)  # 14 samples: shards of 4, 4, 4, 2
 
 
 def _recipe_text(tmp: Path, manifest: Path) -> str:
-    return f"""# medsynth synthesize (test recipe)
-name: synth-test
-workdir: {tmp / 'ws'}
-seed: 0
-modality: endoscopic
-data:
-  manifest: {manifest}
-model:
-  base: tiny
-  resolution: 32
-  dtype: fp32
-  device: cpu
-  max_text_tokens: 16
-  tiny:
-    layers: 2
-    heads: 2
-    head_dim: 8
-    text_layers: 1
-    text_dim: 32
-    vae_channels: [16, 32]
-    vocab_size: 200
-    vae_fit_steps: 2
-    vae_fit_batch: 4
-synthesize:
-  steps: 2
-  batch_size: 2
-  shard_size: 4
-  grid_per_class: 2
-  prompt_source: simple
-"""
+    return tiny_manifest_recipe("synth-test", tmp / "ws", manifest, layers=2,
+                                synthesize={"steps": 2, "batch_size": 2, "shard_size": 4, "grid_per_class": 2,
+                                            "prompt_source": "simple"})
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """(recipe path, workdir, reference output dir) with the workspace prepared and the tiny model built."""
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: the tests expect ../shared/data beside the project")
-    from medsynth import data
-    from medsynth.recipe import load_recipe
-
-    tmp = tmp_path_factory.mktemp("synth")
-    manifest = tmp / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        for c in CLASSES:
-            for p in sorted((SHARED / "hyperkvasir" / c).iterdir())[:PER_IMAGES]:
-                w.writerow([str(p), c])
-    recipe_path = tmp / "recipe.yaml"
-    recipe_path.write_text(_recipe_text(tmp, manifest))
-    r = load_recipe(recipe_path)
-    data.run(r)
+    prep = prepare_manifest_workspace(tmp_path_factory.mktemp("synth"), _recipe_text, CLASSES, PER_IMAGES)
+    tmp, recipe_path, r = prep["tmp"], prep["recipe_path"], prep["recipe"]
     # Reference: the real CLI, uninterrupted, one process.
     ref = tmp / "ref"
     p = subprocess.run([sys.executable, "-m", "medsynth", "--json", "synthesize", str(recipe_path),
@@ -182,18 +137,11 @@ def test_kill_9_midway_then_rerun_gives_the_same_bytes(ws):
 
     out = ws["tmp"] / "killed"
     env = {**os.environ, "MEDSYNTH_SYNTH_BATCH_DELAY": "0.4", "MEDSYNTH_STATE_DIR": str(ws["tmp"] / "state")}
-    proc = subprocess.Popen([sys.executable, "-m", "medsynth", "-q", "synthesize", str(ws["recipe"]),
-                             "--per-class", str(PER_CLASS), "--base-only", "--out", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
     # Kill once shard 0 is complete and shard 1 is half written (its temporary file exists).
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "synth-000000.tar").exists() and list(out.glob(".synth-000001.tar.*.tmp")):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_medsynth_when(["-q", "synthesize", str(ws["recipe"]), "--per-class", str(PER_CLASS), "--base-only",
+                        "--out", str(out)],
+                       lambda: (out / "synth-000000.tar").exists() and bool(list(out.glob(".synth-000001.tar.*.tmp"))),
+                       env=env)
     assert not (out / "index.json").exists()
     assert list(out.glob(".synth-*.tmp")), "expected a half-written shard"
     synthesize.run(_recipe(ws), per_class=PER_CLASS, out=out, base_only=True)

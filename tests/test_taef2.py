@@ -16,16 +16,13 @@ from PIL import Image
 from medsynth.models import loading, tiny
 from medsynth.models.taef2 import WEIGHTS, AutoencoderTAEF2
 
+from _helpers import link_subset, shared_data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("melanoma", "dermatofibroma", "vascular-lesion")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +153,8 @@ def taef2_base(tmp_path_factory):
     from medsynth import data
     from medsynth.recipe import load_recipe
 
-    shared = ROOT.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.fail(f"{shared} is missing: the tests expect ../shared/data beside the project")
     root = tmp_path_factory.mktemp("taef2base")
-    for c in CLASSES:
-        (root / "images" / c).mkdir(parents=True)
-        for src in sorted((shared / "ham10000" / c).glob("*.jpg"))[:4]:
-            (root / "images" / c / src.name).symlink_to(src)
+    link_subset(shared_data_dir() / "ham10000", root / "images", CLASSES, per_class=4)
     sets = [f"data.root={root / 'images'}", f"workdir={root / 'ws'}", "model.tiny.autoencoder=taef2",
             "model.tiny.layers=2", "model.tiny.text_layers=1", "model.max_text_tokens=24",
             "finetune.batch_size=4", "finetune.hldf.every_n_steps=2", "finetune.hldf.steps=2",

@@ -17,41 +17,24 @@ from medsynth.errors import UserError
 from medsynth.models import loading, tiny
 from medsynth.recipe import load_recipe
 
+from _helpers import link_subset, shared_data_dir
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CLASSES = ("melanoma", "dermatofibroma", "vascular-lesion")
 # The fitted-VAE tiny base is what these tests are about (the demo recipe itself uses TAEF2).
 FAST = ["model.tiny.autoencoder=fitted", "model.tiny.vae_fit_steps=3", "model.tiny.vae_fit_batch=4"]
-
-
-def _data_dir(root: Path, shared: Path) -> Path:
-    """Links to 4 real images per class (the images stay in ../shared/data)."""
-    for c in CLASSES:
-        (root / c).mkdir(parents=True)
-        for src in sorted((shared / "ham10000" / c).glob("*.jpg"))[:4]:
-            (root / c / src.name).symlink_to(src)
-    return root
 
 
 def _recipe(data_root: Path, workdir: Path, *extra: str):
     return load_recipe("demo", [f"data.root={data_root}", f"workdir={workdir}", *FAST, *extra])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: one intra-op thread is as fast, and on a shared, oversubscribed CPU
-    # far faster (no waiting at thread barriers for a busy core).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.fail(f"{shared} is missing: the tests expect ../shared/data beside the project")
     root = tmp_path_factory.mktemp("tiny")
-    data_root = _data_dir(root / "images", shared)
+    # Links to 4 real images per class (the images stay in ../shared/data).
+    data_root = link_subset(shared_data_dir() / "ham10000", root / "images", CLASSES, per_class=4)
     r = _recipe(data_root, root / "ws")
     data.run(r)
     base = Path(loading.resolve_base(r))
