@@ -121,8 +121,10 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype=tor
 @torch.no_grad()
 def generate(backbone, comps, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int, steps: int = 20,
              guidance: float = 4.5, max_length: int = 120, negative_prompt: str = "", batch_size: int = 8,
-             device=None, dtype=None, scheduler_config=None) -> torch.Tensor:
+             device=None, dtype=None, scheduler_config=None, labels: Sequence[int] | None = None) -> torch.Tensor:
     """Images for ``prompts`` (one per prompt, noise from ``seeds``), float32 in [-1, 1], on CPU.
+
+    ``labels``: the class index per prompt, for class-conditional backbones (the negative is the null label).
 
     ``comps`` holds the backbone's parts (denoiser, text encoders, tokenizers, vae, and the
     scheduler whose config is used unless ``scheduler_config`` is given).
@@ -140,10 +142,12 @@ def generate(backbone, comps, prompts: Sequence[str], seeds: Sequence[int], *, r
     for i in range(0, len(prompts), batch_size):
         p = list(prompts[i:i + batch_size])
         s = list(seeds[i:i + batch_size])
-        cond = backbone.encode(comps, p, max_length, device)
+        lab = None if labels is None else list(labels[i:i + batch_size])
+        cond = backbone.encode(comps, p, max_length, device, labels=lab)
         neg = None
         if guidance > 1.0:
-            neg = backbone.encode(comps, [negative_prompt] * len(p), max_length, device).to(dtype=dtype)
+            neg = backbone.encode(comps, [negative_prompt] * len(p), max_length, device,
+                                  labels=None if lab is None else [None] * len(p)).to(dtype=dtype)
         x = seeded_noise(s, (c, lat, lat), device, dtype) * sched0.init_noise_sigma
         x = denoise(backbone, model, scheduler_config, x, cond.to(dtype=dtype), neg, steps=steps,
                     guidance=guidance, pixel_size=(resolution, resolution))

@@ -379,6 +379,13 @@ def estimate(recipe, step_seconds: float | None = None, processes: int = 1) -> P
     import torch
 
     ft, hc, lc = recipe.finetune, recipe.finetune.hldf, recipe.finetune.lora
+    bb = _backbone(recipe)
+    if not bb.text_encoder_parts:  # the estimate models a T5-conditioned DiT
+        raise UserError(f"finetune --dry-run cannot estimate model.family '{bb.name}' (no text encoder) yet; "
+                        f"run `medsynth finetune` with a small finetune.max_steps to measure it instead")
+    if bb.denoiser_part != "transformer":  # the activation formulas below are a DiT block's, not a UNet's
+        raise UserError(f"finetune --dry-run cannot estimate model.family '{bb.name}' (a UNet) yet; "
+                        f"run `medsynth finetune` with a small finetune.max_steps to measure it instead")
     cfgs = read_configs(recipe)
     tr, te, vae = meta_models(recipe, cfgs)
     counts = {"transformer": _counts(tr), "text_encoder": _counts(te), "vae": _counts(vae)}

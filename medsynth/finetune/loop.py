@@ -144,6 +144,18 @@ def _ft_config(recipe) -> dict:
             "finetune": to_dict(d)}
 
 
+def _make_ema(bb, ft, params):
+    """An EMA of the trainable weights for backbones trained from scratch (``bb.ema_decay``), else None.
+
+    diffusers' EMAModel warms the decay up as min(decay, (1 + n) / (10 + n)).
+    """
+    if bb.ema_decay is None or ft.adapter != "full":
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=bb.ema_decay)
+
+
 def _all_reduce_grads(params, accelerator) -> None:
     if accelerator.num_processes <= 1:
         return
@@ -292,7 +304,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         p.numel() for te in text_encoders.values() for p in te.parameters())
 
     # ---- data and caches
-    captions = read_captions(recipe, rows, classes)
+    # A class-conditional backbone ignores captions: it needs no captions.jsonl (nor a warning about one).
+    captions = [""] * len(rows) if bb.class_conditional else read_captions(recipe, rows, classes)
     res = recipe.model.resolution
     lat_hw = res // bb.vae_scale(vae)
     c_lat = bb.latent_channels(comps)
@@ -315,8 +328,10 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         with torch.no_grad():
             chunks = []
             texts = captions + [""]
+            labs = data.labels + [None]  # None: the empty prompt's / null label
             for i in range(0, len(texts), 16):
-                chunks.append(bb.encode(comps, texts[i:i + 16], max_len, device).to(device="cpu", dtype=wdtype))
+                chunks.append(bb.encode(comps, texts[i:i + 16], max_len, device, labels=labs[i:i + 16])
+                              .to(device="cpu", dtype=wdtype))
             data.text = Cond.cat(chunks)
 
     n = len(rows)
@@ -328,6 +343,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
 
     # ---- optimizer, schedule, generators
     optimizer, opt_kind = _make_optimizer(ft, params, device)
+    ema = _make_ema(bb, ft, params)
     lr_sched = get_scheduler(ft.lr_scheduler if ft.lr_scheduler != "constant" or ft.warmup_steps == 0 else "constant_with_warmup",
                              optimizer, num_warmup_steps=ft.warmup_steps, num_training_steps=total)
     trained = list(te_cfgs)  # the text encoders carrying LoRA, in the backbone's order
@@ -369,6 +385,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                     p.copy_(ck["trainable"][k].to(p.device, p.dtype))
             optimizer.load_state_dict(ck["optimizer"])
             lr_sched.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(torch.load(last / "ema.pt", weights_only=True, map_location="cpu"))
+                ema.to(device=device)
             checkpoint.set_rng_state(ck["rng"], generators)
             step = int(st["step"])
             console.info(f"finetune: resumed from {last} (step {step})")
@@ -393,13 +412,14 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                      f"HLDF {'every %d steps, M=%d' % (hc.every_n_steps, hc.steps) if hc.enabled else 'off'}; device {device}")
 
     # Sample-grid prompts: the first caption of each class (fixed), seeds seed+j.
-    grid_prompts, grid_seeds = [], []
+    grid_prompts, grid_seeds, grid_labels = [], [], []
     for c in classes:
         idx = [i for i, lab in enumerate(data.labels) if lab == int(c["index"])]
         cap = data.captions[idx[0]] if idx else ""
         for j in range(ft.samples_per_class):
             grid_prompts.append(cap)
             grid_seeds.append(recipe.seed + j)
+            grid_labels.append(int(c["index"]))
 
     models_for_state = {bb.denoiser_part: transformer, **{k: text_encoders[k] for k in trained}}
 
@@ -408,8 +428,9 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         if data.text is not None:
             rows_ = [(len(data.captions) if (drop is not None and drop[k]) else i) for k, i in enumerate(idx)]
             return data.text.rows(rows_).to(device)
+        labs = [(None if (drop is not None and drop[k]) else data.labels[i]) for k, i in enumerate(idx)]
         with torch.set_grad_enabled(grad), accelerator.autocast():
-            return bb.encode(live, texts, max_len, device)
+            return bb.encode(live, texts, max_len, device, labels=labs)
 
     def latents_for(idx: list[int]) -> torch.Tensor:
         if data.latent_params is not None:
@@ -434,6 +455,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         checkpoint.write_rng(tmp, rank, generators)
         if main:
             checkpoint.write_main(tmp, _trainable_state(models_for_state), optimizer.state_dict(), lr_sched.state_dict())
+            if ema is not None:
+                torch.save(ema.state_dict(), tmp / "ema.pt")
         accelerator.wait_for_everyone()
         if main:
             checkpoint.finish(ckpt_root, tmp, at, {"step": at, "base": fp["base"], "world": world,
@@ -454,7 +477,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                                          resolution=res, steps=recipe.synthesize.steps,
                                          guidance=recipe.synthesize.guidance, max_length=max_len,
                                          batch_size=max(1, ft.batch_size), device=device, dtype=wdtype,
-                                         scheduler_config=sched_config)
+                                         scheduler_config=sched_config, labels=grid_labels)
         finally:
             # Back to the training modes set up above (a plain .train() would switch base dropout on).
             lora.set_train_mode(tr, ft.base_dropout)
@@ -529,6 +552,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                     f"finetune.hldf.weight, then continue with --resume")
             accelerator.clip_grad_norm_(params, ft.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.step(params)
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
             step = s
@@ -555,6 +580,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
         logger.close()
 
     # ---- final adapters
+    if ema is not None:
+        ema.copy_to(params)  # the EMA weights are the final model (checkpoints keep the raw ones)
     if main:
         _write_final(out, recipe, bb, transformer, {k: text_encoders[k] for k in trained}, dit_cfg, te_cfgs, base_name,
                      step)
@@ -591,6 +618,8 @@ def _write_final(out: Path, recipe, bb, transformer, text_encoders: dict, dit_cf
         adapters.save_peft_dir(tr, dit_cfg, tmp / part, base_name, part)
     for name, te in text_encoders.items():
         adapters.save_peft_dir(sampling.unwrap(te), te_cfgs[name], tmp / name, base_name, name)
+    if dit_cfg is not None:  # the family's single-file LoRA for its stock loader, where diffusers has one
+        bb.write_lora_file(tmp, tr, {k: sampling.unwrap(te) for k, te in text_encoders.items()}, dit_cfg, te_cfgs)
     lc = recipe.finetune.lora
     te_targets = {name: bb.lora_targets(name, lc.text_encoder_targets) for name in te_cfgs}
     info = {

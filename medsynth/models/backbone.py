@@ -25,7 +25,7 @@ import torch
 from ..errors import UserError
 
 # family name -> module under medsynth.models (imported on first use: torch/diffusers stay lazy).
-REGISTRY: dict[str, str] = {"pixart": "pixart"}
+REGISTRY: dict[str, str] = {"pixart": "pixart", "dit": "dit", "sd": "sd"}
 # Every name recipe.model.family accepts; the ones missing from REGISTRY are planned, not built yet.
 FAMILIES = ("pixart", "sd", "sdxl", "hunyuan-dit", "dit")
 # model_index.json _class_name -> family.
@@ -115,6 +115,10 @@ class Backbone:
     text_encoder_parts: tuple[str, ...] = ()
     layout: str = ""
     lora_presets: dict[str, dict[str, list[str]]] = {}
+    # Conditioned on class labels (encode's ``labels``) rather than on the prompts.
+    class_conditional: bool = False
+    # EMA decay of a full fine-tune whose EMA weights become the final model (None: no EMA).
+    ema_decay: float | None = None
 
     # ---- loading
     def load_part(self, part: str, base: str, kw: dict, dtype):
@@ -127,6 +131,12 @@ class Backbone:
         directory in diffusers layout; it is then loaded through :meth:`load_part` like any base."""
         raise UserError(f"model.base 'tiny' is not available for model.family '{self.name}'; "
                         "give a Hugging Face id or a local diffusers directory")
+
+    def tiny_dir(self, recipe) -> Path:
+        """Where :meth:`build_tiny` puts (or would put) the tiny base, without building it."""
+        from .tiny import base_dir
+
+        return base_dir(recipe)
 
     def denoiser_class(self):
         """The diffusers class of the denoiser (``from_config`` for the dry run, full fine-tunes)."""
@@ -154,9 +164,11 @@ class Backbone:
                             f"choose one of {choices}") from None
 
     # ---- conditioning
-    def encode(self, comps, prompts: Sequence[str], max_length: int, device) -> Cond:
+    def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
         """Conditioning for ``prompts`` (gradients flow when the caller enables them: a text encoder
-        may carry LoRA being trained). Implemented by the family."""
+        may carry LoRA being trained). ``labels``: the class index per prompt (None for an empty /
+        dropped prompt), used by class-conditional families, ignored by text-conditioned ones.
+        Implemented by the family."""
         raise NotImplementedError
 
     # ---- prediction
@@ -198,6 +210,13 @@ class Backbone:
         """Float images (B, H, W, 3) in [0, 1] as numpy from the stock pipeline, given precomputed
         conditioning and initial latents."""
         raise NotImplementedError
+
+    # ---- outputs
+    def write_lora_file(self, out: Path, denoiser, text_encoders: dict, denoiser_cfg, te_cfgs: dict) -> None:
+        """Write, into a finetune's ``final/`` folder ``out``, the file the family's own diffusers LoRA
+        loader takes (``pipe.load_lora_weights``), next to the PEFT folders. ``text_encoders``: the
+        trained ones (part -> module), ``te_cfgs`` their LoraConfigs. Default: nothing, for families
+        without such a loader."""
 
 
 # ----------------------------------------------------------------------------- registry

@@ -145,7 +145,7 @@ class PixArtBackbone(Backbone):
 
         return PixArtTransformer2DModel
 
-    def encode(self, comps, prompts: Sequence[str], max_length: int, device) -> Cond:
+    def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
         embeds, mask = encode_text(comps.tokenizer, comps.text_encoder, prompts, max_length, device)
         return Cond({"embeds": embeds, "mask": mask})
 

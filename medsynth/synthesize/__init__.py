@@ -78,9 +78,9 @@ def _same_base(trained: str, recipe) -> tuple[bool, str]:
     if trained == want:
         return True, want
     if want == "tiny":
-        from ..models.tiny import base_dir
+        from ..models.backbone import for_recipe
 
-        mine = base_dir(recipe).resolve()
+        mine = for_recipe(recipe).tiny_dir(recipe).resolve()
         t = Path(trained)
         # The directory name is the hash of everything the tiny base is built from, so it
         # identifies the base even when the workspace was moved or reached through another path.

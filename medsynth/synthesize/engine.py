@@ -58,19 +58,23 @@ class Engine:
         self.negative = self._encode(negative_prompt) if guidance > 1.0 else None
 
     @torch.no_grad()
-    def _encode(self, prompt: str):
-        cond = self.backbone.encode(self.components, [prompt], self.max_text_tokens, self.device)
+    def _encode(self, prompt: str, label: int | None = None):
+        # A class-conditional backbone gets the sample's class (None: the null label, the negative).
+        labels = [label] if getattr(self.backbone, "class_conditional", False) else None
+        cond = self.backbone.encode(self.components, [prompt], self.max_text_tokens, self.device, labels=labels)
         self.n_encoded += 1
         return cond.to(device="cpu", dtype=self.dtype)
 
-    def embed(self, prompt: str):
-        """The conditioning (a backbone ``Cond``, one row, on the CPU) of ``prompt``, cached."""
-        hit = self._cache.get(prompt)
+    def embed(self, prompt: str, label: int | None = None):
+        """The conditioning (a backbone ``Cond``, one row, on the CPU) of ``prompt`` (and ``label`` for a
+        class-conditional backbone), cached."""
+        key = (prompt, label) if getattr(self.backbone, "class_conditional", False) else prompt
+        hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(prompt)
+            self._cache.move_to_end(key)
             return hit
-        c = self._encode(prompt)
-        self._cache[prompt] = c
+        c = self._encode(prompt, label)
+        self._cache[key] = c
         self._cache_bytes += c.nbytes()
         while self._cache_bytes > EMBED_CACHE_BYTES and len(self._cache) > 1:
             _, old = self._cache.popitem(last=False)
@@ -93,7 +97,7 @@ class Engine:
         """The pipeline's float images in [0, 1], shape (B, H, W, 3), before rounding to 8 bits."""
         from ..models.backbone import Cond
 
-        cond = Cond.cat([self.embed(prompts[s.key]) for s in samples]).to(device=self.device)
+        cond = Cond.cat([self.embed(prompts[s.key], s.cls) for s in samples]).to(device=self.device)
         neg = None
         if self.negative is not None:
             neg = self.negative.to(device=self.device).expand(len(samples))
