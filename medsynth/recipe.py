@@ -96,7 +96,7 @@ class TinyConfig:
 
 @dataclass
 class ModelConfig:
-    base: str = F("PixArt-alpha/PixArt-XL-2-512x512", help="PixArt-alpha base: Hugging Face id, local diffusers directory, or 'tiny' (built in code, no download)")
+    base: str = F("PixArt-alpha/PixArt-XL-2-512x512", help="base model (any family of model.family): Hugging Face id, local diffusers directory, or 'tiny' (built in code, no download)")
     family: str | None = F(None, help="backbone family; null = read from the base's model_index.json (_class_name), 'pixart' for 'tiny'",
                            choices=["pixart", "sd", "sdxl", "hunyuan-dit", "dit"])
     revision: str | None = F(None, help="Hub revision (branch, tag or commit) of model.base")

@@ -180,7 +180,7 @@ def test_lora_and_dry_run_are_user_errors(prepared):
     assert "finetune.adapter: full" in r.stderr
     r = run_cli("finetune", "demo", "--dry-run", *_sets(tmp, data), env=ONE_THREAD)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "--dry-run cannot estimate model.family 'dit'" in r.stderr
+    assert "--dry-run estimates only a DiT conditioned by one T5 text encoder in this version, not model.family 'dit'" in r.stderr
 
 
 def test_run_prepare_to_score(prepared):

@@ -144,7 +144,7 @@ def test_dry_run_says_it_cannot_estimate_a_unet(base):
     tmp, data, _, _ = base
     r = run_cli("finetune", "demo", "--dry-run", *_sets(tmp, data, **SD), env=_env(tmp))
     assert r.returncode == 1, r.stderr[-2000:]
-    assert "--dry-run cannot estimate model.family 'sd'" in r.stderr and "Traceback" not in r.stderr
+    assert "--dry-run estimates only a DiT conditioned by one T5 text encoder in this version, not model.family 'sd'" in r.stderr and "Traceback" not in r.stderr
 
 
 def _shard_images(out: Path) -> dict[str, np.ndarray]:

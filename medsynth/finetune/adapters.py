@@ -177,8 +177,9 @@ def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None)
 def load_finetuned(pipe, finetune_dir, *, merge: bool = True):
     """Apply a medsynth finetune output to a stock diffusers pipeline in place; returns ``pipe``.
 
-    For PixArt: a ``PixArtAlphaPipeline``. ``finetune_dir`` is ``<workdir>/finetune`` or its
-    ``final/`` folder. ``pipe`` must be built from the same base (``<Pipeline>.from_pretrained(model.base)``)
+    For PixArt: a ``PixArtAlphaPipeline`` (``PixArtSigmaPipeline`` for a Σ base). ``finetune_dir``
+    is ``<workdir>/finetune`` or its ``final/`` folder. ``pipe`` must be built from the same base
+    (``<Pipeline>.from_pretrained(model.base)``)
     and keep its text encoder when the finetune trained a text-encoder LoRA. See
     :func:`apply_finetuned` for ``merge``.
     """

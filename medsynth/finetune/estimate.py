@@ -380,12 +380,12 @@ def estimate(recipe, step_seconds: float | None = None, processes: int = 1) -> P
 
     ft, hc, lc = recipe.finetune, recipe.finetune.hldf, recipe.finetune.lora
     bb = _backbone(recipe)
-    if not bb.text_encoder_parts:  # the estimate models a T5-conditioned DiT
-        raise UserError(f"finetune --dry-run cannot estimate model.family '{bb.name}' (no text encoder) yet; "
-                        f"run `medsynth finetune` with a small finetune.max_steps to measure it instead")
-    if bb.denoiser_part != "transformer":  # the activation formulas below are a DiT block's, not a UNet's
-        raise UserError(f"finetune --dry-run cannot estimate model.family '{bb.name}' (a UNet) yet; "
-                        f"run `medsynth finetune` with a small finetune.max_steps to measure it instead")
+    # The formulas below model one layout: a DiT conditioned by one trainable T5 text encoder. Other
+    # layouts (a UNet, two CLIPs, frozen BERT + mT5, class labels) would get confidently wrong numbers.
+    if bb.denoiser_part != "transformer" or tuple(bb.text_encoder_parts) != ("text_encoder",):
+        raise UserError(f"finetune --dry-run estimates only a DiT conditioned by one T5 text encoder in this version, "
+                        f"not model.family '{bb.name}'; run `medsynth finetune` with a small finetune.max_steps "
+                        f"to measure it instead")
     cfgs = read_configs(recipe)
     tr, te, vae = meta_models(recipe, cfgs)
     counts = {"transformer": _counts(tr), "text_encoder": _counts(te), "vae": _counts(vae)}

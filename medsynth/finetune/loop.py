@@ -288,6 +288,10 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     if ft.lora.text_encoder:
         te_cfgs = {name: lora.add_lora(te, ft.lora, bb.lora_targets(name, ft.lora.text_encoder_targets),
                                        f"{bb.label} {name}") for name, te in text_encoders.items()}
+    if ft.lora.text_encoder and not text_encoders and not bb.class_conditional and main:
+        # A family whose text encoders stay frozen by design: the recipe default (true) is not an error.
+        console.warn(f"finetune.lora.text_encoder: true is ignored for model.family '{bb.name}': its text encoders "
+                     f"stay frozen (LoRA on the {bb.denoiser_part} only); set it to false to silence this")
     train_te = bool(te_cfgs)
     if ft.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

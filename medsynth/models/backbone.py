@@ -25,7 +25,7 @@ import torch
 from ..errors import UserError
 
 # family name -> module under medsynth.models (imported on first use: torch/diffusers stay lazy).
-REGISTRY: dict[str, str] = {"pixart": "pixart", "dit": "dit", "sd": "sd"}
+REGISTRY: dict[str, str] = {"pixart": "pixart", "dit": "dit", "sd": "sd", "hunyuan-dit": "hunyuan_dit", "sdxl": "sdxl"}
 # Every name recipe.model.family accepts; the ones missing from REGISTRY are planned, not built yet.
 FAMILIES = ("pixart", "sd", "sdxl", "hunyuan-dit", "dit")
 # model_index.json _class_name -> family.

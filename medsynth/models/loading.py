@@ -39,7 +39,8 @@ _NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "tokenizer_2": (("tokenizer.json", "spiece.model", "vocab.json", "tokenizer_config.json"), None),
     "vae": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
     "text_encoder": (("config.json",), ("model*.safetensors", "pytorch_model*.bin")),
-    "tokenizer": (("tokenizer.json", "spiece.model"), None),
+    # vocab.txt: a BERT WordPiece tokenizer without tokenizer.json (Hunyuan-DiT's CLIP-like encoder).
+    "tokenizer": (("tokenizer.json", "spiece.model", "vocab.txt"), None),
     "scheduler": (("scheduler_config.json",), None),
 }
 

@@ -1,5 +1,12 @@
 """PixArt (α 512 / 1024-MS; Σ) behind the backbone interface: loading, tiny base, LoRA presets,
-T5 conditioning, prediction and the stock ``PixArtAlphaPipeline``.
+T5 conditioning, prediction and the stock pipeline (``PixArtAlphaPipeline``, or
+``PixArtSigmaPipeline`` when the base's model_index.json names it).
+
+PixArt-Σ. Same parts and classes as α (``PixArtTransformer2DModel``, T5, VAE), so loading,
+fine-tuning and prediction are shared; only the stock pipeline and the token limit differ. Σ was
+trained with 300 T5 tokens but ``model.max_text_tokens`` defaults to α's 120 (the recipe default is
+not per base): a Σ base encoded with fewer than 300 tokens gets one warning naming the fix,
+``--set model.max_text_tokens=300``.
 
 LoRA presets. ``PixArtTransformer2DModel`` has no ``add_adapter``; peft's
 ``inject_adapter_in_model`` adds the layers in place (:func:`medsynth.finetune.lora.add_lora`).
@@ -27,7 +34,8 @@ the official list, whose ``wi`` matches no module of T5 v1.1, so the FFN input p
 frozen there.
 
 Output of a fine-tune: PEFT folders (diffusers has no LoRA loader for PixArt), applied by
-:func:`medsynth.finetune.adapters.load_finetuned` to a stock ``PixArtAlphaPipeline``.
+:func:`medsynth.finetune.adapters.load_finetuned` to a stock ``PixArtAlphaPipeline`` or
+``PixArtSigmaPipeline``.
 """
 
 from __future__ import annotations
@@ -37,7 +45,35 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, Cond
+from .. import console
+from .backbone import Backbone, Cond, index_class_name
+
+SIGMA_PIPELINE = "PixArtSigmaPipeline"
+# The T5 token limit PixArt-Σ was trained with (diffusers' PixArtSigmaPipeline default).
+SIGMA_TEXT_TOKENS = 300
+_warned_bases: set[str] = set()
+
+
+def is_sigma(base: str | None) -> bool:
+    """Whether ``base`` (a resolved id or directory) is a PixArt-Σ: its model_index.json says
+    ``PixArtSigmaPipeline``. An unreadable index (or no base) counts as α, the default."""
+    if not base:
+        return False
+    from .loading import _is_local, is_offline
+
+    return index_class_name(base, local_files_only=is_offline() or _is_local(base)) == SIGMA_PIPELINE
+
+
+def warn_sigma_token_limit(base: str | None, max_length: int) -> None:
+    """Warn once per base when a PixArt-Σ runs with fewer T5 tokens than it was trained with."""
+    if not base or base in _warned_bases or max_length >= SIGMA_TEXT_TOKENS:
+        return
+    _warned_bases.add(base)  # also for α: the index is read once per base
+    if is_sigma(base):
+        console.warn(f"model.base {base} is a PixArt-Σ ({SIGMA_PIPELINE}), trained with {SIGMA_TEXT_TOKENS} T5 "
+                     f"tokens, but model.max_text_tokens is {max_length}: longer prompts are cut there. "
+                     f"Fix: --set model.max_text_tokens={SIGMA_TEXT_TOKENS} (or model.max_text_tokens: "
+                     f"{SIGMA_TEXT_TOKENS} in the recipe)")
 
 DIT_TARGETS: dict[str, list[str]] = {
     "paper": ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -146,6 +182,9 @@ class PixArtBackbone(Backbone):
         return PixArtTransformer2DModel
 
     def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
+        # Here rather than in load_part: the first encode follows the load, and only here are the
+        # base and the token limit both known.
+        warn_sigma_token_limit(comps.base, max_length)
         embeds, mask = encode_text(comps.tokenizer, comps.text_encoder, prompts, max_length, device)
         return Cond({"embeds": embeds, "mask": mask})
 
@@ -153,10 +192,12 @@ class PixArtBackbone(Backbone):
         return predict_noise(denoiser, latents, t, cond["embeds"], cond["mask"], pixel_size)
 
     def stock_pipeline(self, comps, scheduler=None):
-        from diffusers import PixArtAlphaPipeline
+        """``PixArtSigmaPipeline`` for a Σ base (model_index.json), else ``PixArtAlphaPipeline``."""
+        from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
 
-        return PixArtAlphaPipeline(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae,
-                                   transformer=comps.transformer, scheduler=scheduler or comps.scheduler)
+        cls = PixArtSigmaPipeline if is_sigma(comps.base) else PixArtAlphaPipeline
+        return cls(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae,
+                   transformer=comps.transformer, scheduler=scheduler or comps.scheduler)
 
     def pipeline_generate(self, pipe, cond: Cond, neg: Cond | None, latents, *, steps, guidance, resolution):
         kwargs = {}
@@ -166,6 +207,9 @@ class PixArtBackbone(Backbone):
         return pipe(
             prompt_embeds=cond["embeds"], prompt_attention_mask=cond["mask"], negative_prompt=None, latents=latents,
             num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+            # The token limit the embeddings were encoded with, so that nothing the pipeline tokenizes
+            # itself falls back to its own default (Σ: 300, α: 120).
+            max_sequence_length=cond["embeds"].shape[1],
             # Binning would snap a custom resolution to PixArt's aspect-ratio table and resize back.
             use_resolution_binning=False, output_type="np", return_dict=False, **kwargs,
         )[0]
@@ -174,4 +218,4 @@ class PixArtBackbone(Backbone):
 BACKBONE = PixArtBackbone()
 
 __all__ = ["BACKBONE", "PixArtBackbone", "DIT_TARGETS", "T5_TARGETS", "uses_micro_conditions", "predict_noise",
-           "encode_text"]
+           "encode_text", "is_sigma", "warn_sigma_token_limit", "SIGMA_PIPELINE", "SIGMA_TEXT_TOKENS"]
