@@ -119,6 +119,22 @@ def run_all(
 
 
 @app.command()
+def compare(
+    spec: Annotated[str, typer.Argument(help="compare spec: a YAML path or a built-in name (demo-compare, paper-table2, paper-table3)", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="compare directory (default: runs/compare-<spec name>)", show_default=False)] = None,
+    worker: Annotated[Optional[str], typer.Option("--worker", help="run only variants k with k % N == I, e.g. --worker 0/4 (one per GPU or Slurm array task)", show_default=False)] = None,
+    set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+):
+    """Run the variants of a compare spec (base recipe + overrides), sharing identical stages; write report.md, table.csv, samples.png."""
+    overrides, as_json = _common(set_, json_, quiet)
+    from . import compare as compare_mod
+
+    report = compare_mod.run(spec, out, overrides, worker)
+    _emit(as_json, report, compare_mod.table_text(report))
+    return 1 if report["failed"] else 0
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="workspace for the demo (toy data, models, outputs)")] = Path("medsynth-demo"),
     set_: SetOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,

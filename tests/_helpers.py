@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -121,20 +122,28 @@ def kill_medsynth_when(args: Iterable[str], ready: Callable[[], bool], env: dict
 
     Fails the test when the run ends first (then nothing was interrupted) or ready() never holds.
     """
+    # stderr goes to a file, not a pipe: a pipe nobody reads fills up (library warnings, progress
+    # bars) and blocks the child, which then never reaches the point ready() waits for.
+    err = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "medsynth", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=err)
+
+    def tail() -> str:
+        err.seek(0)
+        return err.read().decode(errors="replace")[-3000:]
+
     try:
         deadline = time.time() + timeout
         while not ready():
             if proc.poll() is not None:
-                pytest.fail("the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:])
+                pytest.fail("the run ended before it could be killed: " + tail())
             if time.time() > deadline:
-                pytest.fail(f"not ready to be killed after {timeout} s")
+                pytest.fail(f"not ready to be killed after {timeout} s: " + tail())
             time.sleep(poll)
         if proc.poll() is not None:
-            pytest.fail("the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:])
+            pytest.fail("the run ended before it could be killed: " + tail())
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        proc.stderr.close()
+        err.close()
