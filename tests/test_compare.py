@@ -130,6 +130,9 @@ def test_builtin_specs_are_valid(name, tmp_path):
         assert all(v.recipe.model.base == "tiny" and v.recipe.model.device == "cpu" for v in spec.variants)
 
 
+# Slow: it races a kill -9 against a subprocess; one unexplained failure in ~17 runs of this file was seen
+# (cause not found yet), so it runs with the slow tests before a release rather than in every CI run.
+@pytest.mark.slow
 def test_killed_compare_reruns_without_redoing_finished_variants(data, tmp_path):
     from medsynth.cli import main
 
