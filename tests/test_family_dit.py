@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import kill_medsynth_when
 from conftest import ONE_THREAD, SHARED_DATA, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -233,17 +230,8 @@ def test_resume_after_kill_matches_uninterrupted_run(prepared):
     shutil.move(ws / "finetune", tmp / "finetune-uninterrupted")
 
     env = {**os.environ, **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "medsynth", "finetune", "demo", "--max-steps", "1000", *sets],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ck3 = ws / "finetune" / "checkpoints" / "step-0000003" / "state.json"
-    deadline = time.time() + 300
-    while not ck3.is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_medsynth_when(["finetune", "demo", "--max-steps", "1000", *sets], ck3.is_file, env=env, timeout=300, poll=0.01)
     assert sorted(p.name for p in (ws / "finetune" / "checkpoints").glob("step-*")) == ["step-0000003"]
 
     r = run_cli("finetune", "demo", "--resume", "--max-steps", "6", *sets, env=ONE_THREAD)

@@ -8,19 +8,19 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ONE_THREAD, SHARED_DATA, run_cli
-from test_finetune_cli import _read_log, _sets, _subset
+from _helpers import kill_medsynth_when
+from _family import cli_env, family_recipe, load_comps, prepare_family_base
+from conftest import run_cli
+from test_finetune_cli import _read_log, _sets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,34 +29,18 @@ SD = {"model.family": "sd", "finetune.adapter": "lora", "model.max_text_tokens":
       "classify.epochs": 1, "classify.image_size": 32, "classify.batch_size": 8}
 
 
-def _env(tmp: Path) -> dict:
-    # Module-scoped fixtures run outside conftest's per-test state isolation: give the CLI its own.
-    return {**ONE_THREAD, "MEDSYNTH_STATE_DIR": str(tmp / "state")}
+_env = cli_env
+_comps = load_comps
 
 
 def _recipe(tmp: Path, data: Path, **extra):
-    from medsynth.recipe import load_recipe
-
-    return load_recipe("demo", [x for x in _sets(tmp, data, **{**SD, **extra}) if x != "--set"])
+    return family_recipe(tmp, data, SD, **extra)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A prepared 3-class HyperKvasir subset and its tiny SD base (built once for the module)."""
-    from medsynth.models.loading import resolve_base
-
-    tmp = tmp_path_factory.mktemp("sd")
-    data = _subset(SHARED_DATA / "hyperkvasir", tmp / "data")
-    r = run_cli("prepare", "demo", *_sets(tmp, data, **SD), env=_env(tmp))
-    assert r.returncode == 0, r.stderr[-3000:]
-    recipe = _recipe(tmp, data)
-    return tmp, data, recipe, Path(resolve_base(recipe))
-
-
-def _comps(recipe):
-    from medsynth.models.loading import load_components
-
-    return load_components(recipe, device="cpu", dtype=torch.float32)
+    return prepare_family_base(tmp_path_factory, "sd", SD)
 
 
 def test_tiny_base_is_a_stable_diffusion_pipeline(base):
@@ -256,17 +240,8 @@ def test_resume_after_kill_matches_uninterrupted_run(base):
     want_log = _read_log(ws)
     shutil.move(ws / "finetune", tmp / "finetune-uninterrupted")
 
-    proc = subprocess.Popen([*cmd, "--max-steps", "1000", *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env)
     ck3 = ws / "finetune" / "checkpoints" / "step-0000003" / "state.json"
-    deadline = time.time() + 300
-    while not ck3.is_file():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    kill_medsynth_when([*cmd[3:], "--max-steps", "1000", *sets], ck3.is_file, env=env, timeout=300, poll=0.01)
     assert sorted(p.name for p in (ws / "finetune" / "checkpoints").glob("step-*")) == ["step-0000003"]
 
     r = subprocess.run([*cmd, "--resume", "--max-steps", "6", *sets], capture_output=True, text=True, env=env)

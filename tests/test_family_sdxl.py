@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from _helpers import kill_medsynth_when
-from conftest import ONE_THREAD, SHARED_DATA, run_cli
+from _family import cli_env, family_recipe, load_comps, prepare_family_base
+from conftest import run_cli
 from test_family_sd import _shard_images
-from test_finetune_cli import _read_log, _sets, _subset
+from test_finetune_cli import _read_log, _sets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -29,34 +30,18 @@ SDXL = {"model.family": "sdxl", "finetune.adapter": "lora", "model.max_text_toke
 TES = ("text_encoder", "text_encoder_2")
 
 
-def _env(tmp: Path) -> dict:
-    # Module-scoped fixtures run outside conftest's per-test state isolation: give the CLI its own.
-    return {**ONE_THREAD, "MEDSYNTH_STATE_DIR": str(tmp / "state")}
+_env = cli_env
+_comps = load_comps
 
 
 def _recipe(tmp: Path, data: Path, **extra):
-    from medsynth.recipe import load_recipe
-
-    return load_recipe("demo", [x for x in _sets(tmp, data, **{**SDXL, **extra}) if x != "--set"])
+    return family_recipe(tmp, data, SDXL, **extra)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A prepared 3-class HyperKvasir subset and its tiny SDXL base (built once for the module)."""
-    from medsynth.models.loading import resolve_base
-
-    tmp = tmp_path_factory.mktemp("sdxl")
-    data = _subset(SHARED_DATA / "hyperkvasir", tmp / "data")
-    r = run_cli("prepare", "demo", *_sets(tmp, data, **SDXL), env=_env(tmp))
-    assert r.returncode == 0, r.stderr[-3000:]
-    recipe = _recipe(tmp, data)
-    return tmp, data, recipe, Path(resolve_base(recipe))
-
-
-def _comps(recipe):
-    from medsynth.models.loading import load_components
-
-    return load_components(recipe, device="cpu", dtype=torch.float32)
+    return prepare_family_base(tmp_path_factory, "sdxl", SDXL)
 
 
 def test_tiny_base_is_a_stable_diffusion_xl_pipeline(base):
