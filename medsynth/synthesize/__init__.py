@@ -379,11 +379,10 @@ def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_h
     try:
         for sh in todo:
             samples = plan.shard(sh)
-            sw = W.ShardWriter(out, sh) if fmt == "webdataset" else None
-            try:
+            with W.ShardSink(out, sh, fmt, ext) as sink:
                 for b0 in range(0, len(samples), bs):
                     batch = samples[b0:b0 + bs]
-                    if sw is None and all(W.image_path(out, x, ext).is_file() for x in batch):
+                    if all(sink.done(x) for x in batch):
                         bar.update(len(batch))
                         continue  # imagefolder resume: this batch's files all exist
                     t1 = time.time()
@@ -391,20 +390,10 @@ def _generate(recipe, plan, out, todo, prompts, fmt, ext, bs, adapter, adapter_h
                     t_gen += time.time() - t1
                     n += len(batch)
                     for x, arr in zip(batch, images):
-                        data = W.encode_image(arr, ext, s.jpg_quality)
-                        if sw is not None:
-                            sw.write(x.key, data, ext, x.cls, meta(x))
-                        else:
-                            W.write_image_file(out, x, data, ext)
+                        sink.write(x, W.encode_image(arr, ext, s.jpg_quality), meta(x))
                     bar.update(len(batch))
                     if delay:
                         time.sleep(delay)
-                if sw is not None:
-                    sw.commit()
-            except BaseException:
-                if sw is not None:
-                    sw.abort()
-                raise
     finally:
         bar.close()
     if n:
@@ -449,28 +438,16 @@ def _curate(recipe, plan, out, todo, fmt, ext, bs, adapter, adapter_hash, finger
     meta_common = _meta_common(recipe, adapter_hash, fingerprint)
     category = {c["name"]: c.get("category") for c in plan.classes}
     for sh in todo:
-        samples = plan.shard(sh)
-        sw = W.ShardWriter(out, sh) if fmt == "webdataset" else None
-        try:
-            for x in samples:
-                k = kept[x.label][x.index]
-                if sw is None and W.image_path(out, x, ext).is_file():
+        with W.ShardSink(out, sh, fmt, ext) as sink:
+            for x in plan.shard(sh):
+                if sink.done(x):
                     continue
-                data = C.candidate_image(out, x.label, k.index, ext).read_bytes()
+                k = kept[x.label][x.index]
                 meta = {**meta_common, "key": x.key, "label": x.label, "cls": x.cls, "category": category[x.label],
                         "index": x.index, "seed": k.seed, "prompt": k.prompt, "candidate": k.index,
                         "judge": judge["path"], "judge_sha256": judge["sha256"], "judge_score": k.score,
                         "nearest_real_distance": k.distance}
-                if sw is not None:
-                    sw.write(x.key, data, ext, x.cls, meta)
-                else:
-                    W.write_image_file(out, x, data, ext)
-            if sw is not None:
-                sw.commit()
-        except BaseException:
-            if sw is not None:
-                sw.abort()
-            raise
+                sink.write(x, C.candidate_image(out, x.label, k.index, ext).read_bytes(), meta)
     return curator.generated_now, curator.seconds, summary
 
 

@@ -149,6 +149,37 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- imagefolder
 
 
+class ShardSink:
+    """Where one shard's samples go: a WebDataset tar (committed when the shard is complete, aborted
+    on any error) or, for ``imagefolder``, one file per sample. Used as a context manager by both the
+    plain and the curated synthesis loops."""
+
+    def __init__(self, out: Path, s: int, fmt: str, ext: str):
+        self.out, self.ext = out, ext
+        self.tar = ShardWriter(out, s) if fmt == "webdataset" else None
+
+    def done(self, sample: Sample) -> bool:
+        """imagefolder resume: this sample's file is already written (a tar is always rewritten whole)."""
+        return self.tar is None and image_path(self.out, sample, self.ext).is_file()
+
+    def write(self, sample: Sample, data: bytes, meta: dict) -> None:
+        if self.tar is not None:
+            self.tar.write(sample.key, data, self.ext, sample.cls, meta)
+        else:
+            write_image_file(self.out, sample, data, self.ext)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.tar is not None:
+            if exc_type is None:
+                self.tar.commit()
+            else:
+                self.tar.abort()
+        return False
+
+
 def image_path(out: Path, sample: Sample, ext: str) -> Path:
     return out / sample.label / f"{sample.key}.{ext}"
 
