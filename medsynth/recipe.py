@@ -178,6 +178,11 @@ class FinetuneConfig:
     grad_clip: float = F(1.0, help="max gradient norm", gt=0.0)
     gradient_checkpointing: bool = F(True, help="recompute DiT and T5 activations in backward to save memory")
     caption_dropout: float = F(0.0, help="probability of replacing a caption by the empty prompt", min=0.0, max=1.0)
+    label_dropout: float | None = F(None, help="class-conditional families (dit): probability of replacing a training label by the null "
+                                    "class, for classifier-free guidance; null = finetune.caption_dropout; an error for text families",
+                                    min=0.0, max=1.0)
+    ema_decay: float | None = F(None, help="decay of the weight EMA that is the final model of families trained from scratch (dit); "
+                                "null = the family's default (dit: 0.9999); an error for families without an EMA", min=0.0, lt=1.0)
     base_dropout: bool = F(False, help="keep the dropout of the frozen base modules active while training (T5 v1.1 has dropout_rate 0.1); "
                            "false = frozen modules run in eval mode (they compute what they compute at inference) and only LoRA dropout applies")
     augment: str = F("none", help="training augmentation ('hflip' disables the latent cache)", choices=["none", "hflip"])

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,3 +247,178 @@ def test_resume_after_kill_matches_uninterrupted_run(prepared):
     for a, b in zip(want_log, got_log):
         assert a["loss/diffusion"] == pytest.approx(b["loss/diffusion"], abs=1e-6)
         assert a.get("loss/color_mean", 0) == pytest.approx(b.get("loss/color_mean", 0), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- finetune.ema_decay / label_dropout
+
+
+def _recipe(tmp: Path, data: Path, **extra):
+    from medsynth.recipe import load_recipe
+
+    return load_recipe("demo", [x for x in _sets(tmp, data, **extra) if x != "--set"])
+
+
+def _finetune_in_process(tmp: Path, data: Path, monkeypatch, **extra) -> list[torch.Tensor]:
+    """2 optimizer steps in this process; returns the class labels every training prediction saw."""
+    from medsynth import finetune
+    from medsynth.models.dit import DiTBackbone
+
+    seen: list[torch.Tensor] = []
+    predict = DiTBackbone.predict
+
+    def spy(self, denoiser, latents, t, cond, pixel_size=None):
+        if torch.is_grad_enabled():  # a training step (sample grids run under no_grad)
+            seen.append(cond["labels"].detach().cpu().clone())
+        return predict(self, denoiser, latents, t, cond, pixel_size)
+
+    monkeypatch.setattr(DiTBackbone, "predict", spy)
+    # HLDF off (it predicts with gradients too); the final sample grid runs under no_grad.
+    settings = {"finetune.hldf.enabled": "false", "finetune.sample_every": 1000, "finetune.checkpoint_every": 2,
+                "workdir": str(tmp / "ws"), **extra}
+    finetune.run(_recipe(tmp, data, **settings), max_steps=2)
+    return seen
+
+
+def _copy_prepared(prepared, tmp_path: Path) -> Path:
+    src, _ = prepared
+    shutil.copytree(src / "ws", tmp_path / "ws", ignore=shutil.ignore_patterns("finetune", "synth*", "classify*", "score*"))
+    return tmp_path
+
+
+def test_label_dropout_one_conditions_every_training_step_on_the_null_class(prepared, tmp_path, monkeypatch):
+    _, data = prepared
+    tmp = _copy_prepared(prepared, tmp_path)
+    # finetune.caption_dropout (0.2 in _sets) is what label_dropout null falls back to: some, not all, dropped.
+    labels = torch.cat(_finetune_in_process(tmp, data, monkeypatch, **{"finetune.caption_dropout": 0.0}))
+    assert labels.numel() == 2 * 4 and (labels < 3).all()  # batch 4, 2 steps, no null label at all
+    labels = torch.cat(_finetune_in_process(tmp, data, monkeypatch, **{"finetune.caption_dropout": 0.0,
+                                                                        "finetune.label_dropout": 1.0}))
+    assert labels.numel() == 8 and (labels == 3).all()  # every label is the null class K = 3
+    # label_dropout overrides caption_dropout for a class-conditional family.
+    labels = torch.cat(_finetune_in_process(tmp, data, monkeypatch, **{"finetune.caption_dropout": 1.0,
+                                                                        "finetune.label_dropout": 0.0}))
+    assert (labels < 3).all()
+
+
+def test_ema_decay_sets_the_decay_of_the_final_model(prepared, tmp_path, monkeypatch):
+    """The final model is the EMA. With finetune.ema_decay 0 the EMA is the raw weights; the default
+    (0.9999, warmed up as min(decay, (1+n)/(10+n))) keeps part of the step-1 weights.
+
+    A decay of 0.5 would not show it in 2 steps: the warm-up caps the decay at (1+n)/(10+n) < 0.5 for
+    n < 8, so every decay >= 0.5 gives the same first 8 EMA steps."""
+    from safetensors.torch import load_file
+
+    _, data = prepared
+    tmp = _copy_prepared(prepared, tmp_path)
+    ws = tmp / "ws" / "finetune"
+    final = {}
+    for decay in (None, 0.0):
+        extra = {} if decay is None else {"finetune.ema_decay": decay}
+        _finetune_in_process(tmp, data, monkeypatch, **extra)
+        raw = load_file(str(ws / "checkpoints" / "step-0000002" / "trainable.safetensors"))
+        got = load_file(str(ws / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+        diff = max((got[k] - raw["transformer." + k]).abs().max().item() for k in got)
+        final[decay] = diff
+    assert final[0.0] <= 1e-6, final
+    assert final[None] > 1e-5, final
+
+
+def test_ema_and_label_dropout_keys_fail_for_families_that_do_not_read_them(prepared):
+    from medsynth.errors import UserError
+    from medsynth.finetune.loop import _check_family_keys
+    from medsynth.models import backbone
+    from medsynth.recipe import load_recipe
+
+    for fam in ("pixart", "hunyuan-dit", "sd"):
+        bb = backbone.get(fam)
+        with pytest.raises(UserError, match=r"finetune\.ema_decay is 0\.5 .*'" + fam + "'"):
+            _check_family_keys(bb, load_recipe("demo", ["finetune.ema_decay=0.5"]).finetune)
+        with pytest.raises(UserError, match=r"finetune\.label_dropout is 0\.1 .*finetune\.caption_dropout"):
+            _check_family_keys(bb, load_recipe("demo", ["finetune.label_dropout=0.1"]).finetune)
+        _check_family_keys(bb, load_recipe("demo", []).finetune)  # null: no error
+    _check_family_keys(backbone.get("dit"), load_recipe("demo", ["finetune.ema_decay=0.5",
+                                                                 "finetune.label_dropout=0.1"]).finetune)
+    # Out of range values are recipe errors naming the key, the value and the bound.
+    for bad, msg in [("finetune.ema_decay=1.0", r"finetune\.ema_decay: 1\.0 is out of range; it must be less than 1\.0"),
+                     ("finetune.ema_decay=-0.5", r"finetune\.ema_decay: -0\.5 is out of range"),
+                     ("finetune.label_dropout=1.5", r"finetune\.label_dropout: 1\.5 is out of range; it must be at most 1\.0")]:
+        with pytest.raises(UserError, match=msg):
+            load_recipe("demo", [bad])
+
+
+def test_resume_refuses_a_changed_ema_decay_or_label_dropout(prepared, tmp_path, monkeypatch):
+    """Both keys change what a resumed run computes, so a checkpoint made with other values is refused."""
+    from medsynth import finetune
+    from medsynth.errors import UserError
+
+    _, data = prepared
+    tmp = _copy_prepared(prepared, tmp_path)
+    _finetune_in_process(tmp, data, monkeypatch)  # checkpoint at step 2 with both keys null
+    base = {"finetune.hldf.enabled": "false", "finetune.sample_every": 1000, "finetune.checkpoint_every": 2,
+            "workdir": str(tmp / "ws")}
+    for key, value in (("finetune.ema_decay", 0.5), ("finetune.label_dropout", 0.3)):
+        with pytest.raises(UserError, match=rf"cannot resume from .*step-0000002: {key} was None there and is {value} now"):
+            finetune.run(_recipe(tmp, data, **base, **{key: value}), resume=True, max_steps=3)
+
+
+# ----------------------------------------------------------------------------- DiT-S/8 at its real size
+
+
+def test_dit_s8_at_256px_with_the_sd_vae_trains_one_step_and_samples(tmp_path):
+    """DiT-S/8 is small, so it is checked at its real size: hidden 384 (6 x 64), depth 12, patch 8 over the
+    32 x 32 x 4 latents of the SD VAE at 256 px (the DiT paper's setting; dit_s8_config's default), saved
+    with dit.save_base, loaded by medsynth's loader, one training step and one guided sample through the
+    backbone's encode / predict / training target / pipeline_generate."""
+    import real_shaped
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from medsynth import sampling
+    from medsynth.models import backbone, dit, loading
+    from medsynth.recipe import load_recipe
+
+    names = ["polyps", "normal-cecum", "impacted-stool"]
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(**dit.dit_s8_config(len(names)))
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in real_shaped.VAE_CONFIG.items()})
+    base = dit.save_base(tmp_path / "dit-s8", tr, vae, names)
+    del tr, vae
+    r = load_recipe("demo", [f"model.base={base}", f"workdir={tmp_path / 'ws'}", "model.resolution=256",
+                             "model.dtype=fp32", "model.device=cpu"])
+    assert backbone.family_of(r) == "dit"
+    bb = backbone.for_recipe(r)
+    c = loading.load_components(r, device="cpu", dtype=torch.float32)
+    cfg = c.transformer.config
+    assert (cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads,
+            cfg.patch_size, cfg.sample_size, cfg.in_channels, cfg.out_channels) == (384, 12, 6, 8, 32, 4, 8)
+    assert 30e6 < sum(p.numel() for p in c.transformer.parameters()) < 36e6  # DiT-S/8: ~33M parameters
+    assert len(c.transformer.transformer_blocks) == 12 and bb.vae_scale(c.vae) == 8
+
+    # One training step (as the loop: VAE latents, DDPM noise, MSE on the first C channels).
+    img = (torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    with torch.no_grad():
+        z0 = c.vae.encode(img).latent_dist.mean * c.vae.config.scaling_factor
+    assert z0.shape == (1, 4, 32, 32)
+    tr = c.transformer.train().requires_grad_(True)
+    train_sched = bb.training_scheduler(c.scheduler.config)
+    g = torch.Generator().manual_seed(3)
+    noise, t = torch.randn(z0.shape, generator=g), torch.tensor([500])
+    cond = bb.encode(c, [""], 0, "cpu", labels=[1])
+    pred = bb.predict(tr, train_sched.add_noise(z0, noise, t), t, cond, (256, 256))
+    assert pred.shape == z0.shape
+    loss = torch.nn.functional.mse_loss(pred, sampling.training_target(train_sched, z0, noise, t))
+    opt = torch.optim.AdamW(tr.parameters(), lr=1e-4)
+    loss.backward()
+    table = tr.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.weight.grad[1].abs().sum() > 0 and table.weight.grad[0].abs().sum() == 0
+    before = tr.proj_out_2.weight.detach().clone()
+    opt.step()
+    assert (tr.proj_out_2.weight - before).abs().max() > 0
+    tr.eval()
+
+    # One guided sample at 256 px through the synthesis path.
+    neg = bb.encode(c, [""], 0, "cpu", labels=[None])
+    pipe = bb.stock_pipeline(c, bb.sampling_scheduler(c.scheduler.config))
+    lat = torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(4))
+    out = bb.pipeline_generate(pipe, cond, neg, lat, steps=2, guidance=4.0, resolution=256)
+    assert out.shape == (1, 256, 256, 3) and np.isfinite(out).all() and out.std() > 0

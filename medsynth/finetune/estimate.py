@@ -31,8 +31,6 @@ GPU_SIZES_GB = (24, 40, 80)
 # CUDA context + cuBLAS/cuDNN workspaces + caching-allocator slack: an assumed figure (typical for
 # a PyTorch process on an A100/H100), not measured here (no GPU on the machines this was built on).
 FRAMEWORK_OVERHEAD = int(1.5 * GIB)
-# Images per VAE encode call when the loop builds its latent cache (loop.run's `chunk`).
-CACHE_CHUNK = 8
 
 
 # ----------------------------------------------------------------------------- configs and meta models
@@ -498,6 +496,8 @@ def estimate(recipe, step_seconds: float | None = None, processes: int = 1) -> P
         n_images = len(read_manifest(recipe.workdir_path, "train"))
     except UserError:
         pass
+    from .loop import CACHE_CHUNK  # here: importing the loop loads torch, which the rest of this module avoids
+
     cached = ft.cache_latents and ft.augment == "none"
     enc_images = min(CACHE_CHUNK, n_images or CACHE_CHUNK) if cached else B
     enc_bytes = vae_encode_elems(enc_images, res, cfgs.vae) * 4

@@ -40,8 +40,11 @@ from ..workspace import atomic_write_json, ensure_dir, sha256_file, sha256_json,
 from ..models.backbone import Cond, for_recipe
 from . import adapters, checkpoint, hldf, lora
 
+# Images per VAE encode call when the latent cache is built (finetune --dry-run's estimate uses it too).
+CACHE_CHUNK = 8
 # Settings that must not change between a checkpoint and a resumed run.
-RESUME_KEYS = ("adapter", "lora", "batch_size", "gradient_accumulation_steps", "caption_dropout", "augment")
+RESUME_KEYS = ("adapter", "lora", "batch_size", "gradient_accumulation_steps", "caption_dropout", "label_dropout",
+               "ema_decay", "augment")
 
 
 # ----------------------------------------------------------------------------- data
@@ -153,7 +156,25 @@ def _make_ema(bb, ft, params):
         return None
     from diffusers.training_utils import EMAModel
 
-    return EMAModel(params, decay=bb.ema_decay)
+    return EMAModel(params, decay=bb.ema_decay if ft.ema_decay is None else ft.ema_decay)
+
+
+def _check_family_keys(bb, ft) -> None:
+    """Keys that only some families read: a set value the family would ignore is an error, not a no-op."""
+    if ft.ema_decay is not None and bb.ema_decay is None:
+        raise UserError(f"finetune.ema_decay is {ft.ema_decay} but model.family '{bb.name}' keeps no weight EMA (only "
+                        "families trained from scratch, e.g. dit, do); remove finetune.ema_decay or set it to null")
+    if ft.label_dropout is not None and not bb.class_conditional:
+        raise UserError(f"finetune.label_dropout is {ft.label_dropout} but model.family '{bb.name}' is conditioned on "
+                        "text, not class labels; use finetune.caption_dropout instead and set finetune.label_dropout "
+                        "to null")
+
+
+def _drop_probability(bb, ft) -> float:
+    """The chance that a training example is conditioned on the empty prompt / null label."""
+    if bb.class_conditional and ft.label_dropout is not None:
+        return ft.label_dropout
+    return ft.caption_dropout
 
 
 def _all_reduce_grads(params, accelerator) -> None:
@@ -266,6 +287,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
 
     loading.check_base(recipe)
     bb = for_recipe(recipe)
+    _check_family_keys(bb, ft)
     comps = loading.load_components(recipe, device=device, dtype=wdtype)
     transformer, vae = bb.denoiser(comps), comps.vae  # the denoiser (a DiT or a UNet)
     text_encoders = bb.text_encoders(comps)
@@ -316,7 +338,7 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
     max_len = recipe.model.max_text_tokens
     cache_latents = ft.cache_latents and ft.augment == "none"
     means, stds, lat_params = [], [], []
-    chunk = 8
+    chunk = CACHE_CHUNK
     for i in _bar(main, range(0, len(rows), chunk), desc="finetune: reading images" + (" + VAE cache" if cache_latents else "")):
         px = torch.stack([_load_pixels(r.path, res) for r in rows[i:i + chunk]])
         m, s = hldf.colour_stats(px)
@@ -515,7 +537,8 @@ def run(recipe, resume: bool = False, max_steps: int | None = None) -> Path:
                         for k in trained:
                             no_sync.enter_context(accelerator.no_sync(text_encoders[k]))
                     z0 = latents_for(idx)
-                    drop = (torch.rand(len(idx), generator=gen) < ft.caption_dropout) if ft.caption_dropout > 0 else None
+                    p_drop = _drop_probability(bb, ft)
+                    drop = (torch.rand(len(idx), generator=gen) < p_drop) if p_drop > 0 else None
                     noise = torch.randn(z0.shape, generator=gen).to(device)
                     t = torch.randint(0, train_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(device)
                     zt = train_sched.add_noise(z0, noise, t)
