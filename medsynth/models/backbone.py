@@ -110,6 +110,8 @@ class Backbone:
 
     name: str = ""
     label: str = ""
+    # A Hub id of the family, for messages on how to get weights ("" for families trained from scratch).
+    hub_example: str = ""
     parts: tuple[str, ...] = ()
     denoiser_part: str = "transformer"
     text_encoder_parts: tuple[str, ...] = ()
@@ -121,10 +123,49 @@ class Backbone:
     ema_decay: float | None = None
 
     # ---- loading
+    # part -> "library.Class" whose from_pretrained loads it, for every part but the VAE, the
+    # tokenizers and the scheduler (load_part handles those alike for every family).
+    part_classes: dict[str, str] = {}
+    # The scheduler class used when scheduler_config.json names one diffusers does not have.
+    scheduler_class: str = "DDPMScheduler"
+
     def load_part(self, part: str, base: str, kw: dict, dtype):
         """Load one part with ``from_pretrained(base, **kw)`` (``kw`` holds subfolder, revision,
-        local_files_only) in ``dtype``. Implemented by the family."""
-        raise NotImplementedError
+        local_files_only) in ``dtype``.
+
+        - ``vae``: the class vae/config.json names (``AutoencoderKL``, or medsynth's TAEF2 for a
+          tiny base);
+        - ``tokenizer*``: AutoTokenizer, else the class model_index.json names (a T5 folder with
+          only spiece.model);
+        - ``scheduler``: the class its config names, built from the full config, so the DDPM and
+          DPM-Solver++ made from it see every setting (steps_offset, clip_sample, ...);
+        - every other part: ``part_classes[part]``, then :meth:`prepare_part`.
+        """
+        from .loading import _tokenizer_from, _vae_class
+
+        if part == "vae":
+            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
+        if part.startswith("tokenizer"):
+            return _tokenizer_from(base, kw)
+        if part == "scheduler":
+            import diffusers
+
+            default = getattr(diffusers, self.scheduler_class)
+            cfg = default.load_config(base, **kw)
+            return getattr(diffusers, str(cfg.get("_class_name")), default).from_config(cfg)
+        lib = self.part_classes[part].partition(".")[0]
+        # diffusers' from_pretrained takes torch_dtype, transformers' (>= 4.56) dtype.
+        dtype_kw = {"torch_dtype": dtype} if lib == "diffusers" else {"dtype": dtype}
+        return self.prepare_part(part, self._part_class(part).from_pretrained(base, **dtype_kw, **kw))
+
+    def _part_class(self, part: str):
+        lib, _, name = self.part_classes[part].rpartition(".")
+        return getattr(importlib.import_module(lib), name)
+
+    def prepare_part(self, part: str, model):
+        """What the family does to a freshly loaded model part (and to a fully fine-tuned denoiser)
+        before use; returns it. Default: nothing."""
+        return model
 
     def build_tiny(self, recipe) -> Path:
         """Build (once, cached) the family's tiny base for ``model.base: tiny`` and return its
@@ -140,11 +181,42 @@ class Backbone:
 
     def denoiser_class(self):
         """The diffusers class of the denoiser (``from_config`` for the dry run, full fine-tunes)."""
-        raise NotImplementedError
+        return self._part_class(self.denoiser_part)
+
+    def check_recipe(self, recipe, base: str) -> None:
+        """Warn about recipe settings that do not suit ``base`` (the resolved id or directory).
+
+        Called where parts are loaded with the recipe at hand (``loading.load_components`` and the
+        caption stage's ``loading.load_tokenizer``), not per step. Default: nothing to check."""
+
+    # ---- captions
+    def caption_tokenizer_base(self, recipe) -> str:
+        """The id or directory whose ``tokenizer/`` counts caption tokens in the caption stage.
+
+        The tiny base is built for it (its tokenizer lives there); a family without a tokenizer
+        (class labels) counts with the tiny T5 tokenizer, which needs no model: its captions are
+        kept for provenance and comparison only, training never reads them."""
+        from .loading import resolve_base
+        from .tiny import tokenizer_dir
+
+        if "tokenizer" not in self.parts:
+            return str(tokenizer_dir(recipe).resolve())
+        return resolve_base(recipe)
+
+    def caption_token_limit(self, recipe, tokenizer) -> int:
+        """The most tokens a caption may have: ``model.max_text_tokens``, capped by the text
+        encoder's own limit (the tokenizer's ``model_max_length``: CLIP's 77), beyond which the
+        encoder would cut the caption silently."""
+        limit = int(recipe.model.max_text_tokens)
+        own = getattr(tokenizer, "model_max_length", None)
+        # Tokenizers without a limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
+        if isinstance(own, int) and 0 < own < 100_000:
+            return min(limit, own)
+        return limit
 
     def load_full_denoiser(self, path: Path, dtype):
         """A fully fine-tuned denoiser saved with ``save_pretrained`` in ``path``."""
-        return self.denoiser_class().from_pretrained(str(path), torch_dtype=dtype)
+        return self.prepare_part(self.denoiser_part, self.denoiser_class().from_pretrained(str(path), torch_dtype=dtype))
 
     # ---- parts of loaded components
     def denoiser(self, comps):

@@ -7,8 +7,9 @@ when its dropout probability is > 0 (always 0.1 as ``DiTTransformer2DModel`` bui
 the null class of classifier-free guidance. The model is built with ``num_embeds_ada_norm`` = K
 (number of classes), so the null label is K. The embedding's own label dropout draws from the
 global torch RNG in train mode; medsynth switches it off (:func:`no_label_dropout`) and drops
-labels in the finetune loop instead, with probability ``finetune.caption_dropout`` from the
-trainer's seeded generator, so a resumed run draws the same drops as an uninterrupted one.
+labels in the finetune loop instead, with probability ``finetune.label_dropout`` (null = the
+``finetune.caption_dropout`` value) from the trainer's seeded generator, so a resumed run draws the
+same drops as an uninterrupted one.
 
 Prompts are ignored: :meth:`DiTBackbone.encode` conditions on ``labels`` only (None in that list
 = the null label, which is also the CFG negative). The caption stage still runs when the recipe
@@ -24,7 +25,8 @@ tests/test_family_dit.py checks against ``DiTPipeline`` on a 1000-class tiny DiT
 
 EMA: the final model is the exponential moving average of the weights (:data:`EMA_DECAY`, with
 diffusers ``EMAModel``'s warm-up ``min(decay, (1 + n) / (10 + n))`` so short runs average their
-recent steps rather than stay near the random initialisation); there is no recipe key for it yet.
+recent steps rather than stay near the random initialisation); ``finetune.ema_decay`` overrides the
+decay (the warm-up still caps it at (1 + n) / (10 + n), so decays >= 0.5 agree for the first 8 steps).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from ..errors import UserError
 from .backbone import Backbone, Cond
 
-# Fast-DiT's EMA decay (fixed; a recipe key finetune.ema_decay would make it configurable).
+# Fast-DiT's EMA decay: the default of finetune.ema_decay (null) for this family.
 EMA_DECAY = 0.9999
 TINY_DIT_FORMAT = 1
 
@@ -78,31 +80,17 @@ class DiTBackbone(Backbone):
     lora_presets = {}
     class_conditional = True
     ema_decay = EMA_DECAY
+    part_classes = {"transformer": "diffusers.DiTTransformer2DModel"}
+    scheduler_class = "DDPMScheduler"
 
-    def load_part(self, part: str, base: str, kw: dict, dtype):
-        from diffusers import DDPMScheduler, DiTTransformer2DModel
-
-        from .loading import _vae_class
-
-        if part == "transformer":
-            return no_label_dropout(DiTTransformer2DModel.from_pretrained(base, torch_dtype=dtype, **kw))
-        if part == "vae":
-            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
-        return DDPMScheduler.from_pretrained(base, **kw)
+    def prepare_part(self, part: str, model):
+        return no_label_dropout(model) if part == self.denoiser_part else model
 
     def build_tiny(self, recipe) -> Path:
         return ensure_tiny_dit(recipe)
 
     def tiny_dir(self, recipe) -> Path:
         return tiny_dir(recipe)
-
-    def denoiser_class(self):
-        from diffusers import DiTTransformer2DModel
-
-        return DiTTransformer2DModel
-
-    def load_full_denoiser(self, path: Path, dtype):
-        return no_label_dropout(super().load_full_denoiser(path, dtype))
 
     def lora_targets(self, role: str, preset: str) -> list[str]:
         raise UserError("finetune.adapter 'lora' does not apply to model.family 'dit': the DiT is trained from scratch "

@@ -67,8 +67,11 @@ ORIGINAL_SIZE = (1024, 1024)
 CROP_TOP_LEFT = (0, 0)
 STYLE = 0
 
-# The DDPM settings of Hunyuan-DiT's scheduler_config.json (scaled-linear betas 0.00085 -> 0.03,
-# v-prediction). Taken from the published Diffusers checkpoint; not re-checked offline here.
+# The DDPM settings of Hunyuan-DiT v1.0 / v1.1 (scaled-linear betas 0.00085 -> 0.03, v-prediction),
+# used only by the tiny base, which is v1.1-shaped (style and size conditioning on). Checked in part:
+# Tencent's inference code asks weights <= v1.1 for `--beta-end 0.03` and v1.2 for its (different)
+# default, so v1.2's beta_end is not 0.03. A real base always trains and samples with its own
+# scheduler_config.json (tests/test_real_shaped_hunyuan.py checks that on a v1.2-shaped base).
 HUNYUAN_SCHEDULER = {
     "beta_start": 0.00085,
     "beta_end": 0.03,
@@ -129,6 +132,41 @@ def predict_noise(transformer, latents: torch.Tensor, t, cond: Cond,
                       return_dict=False)[0]
     c = latents.shape[1]
     return out[:, :c] if out.shape[1] == 2 * c else out
+
+
+def with_gradient_checkpointing(model):
+    """Let ``model.enable_gradient_checkpointing()`` work on a ``HunyuanDiT2DModel``; returns ``model``.
+
+    diffusers 0.42's HunyuanDiT2DModel does not support it (``_supports_gradient_checkpointing`` is
+    False and enabling raises ValueError), yet ``finetune.gradient_checkpointing`` is on by default and
+    HLDF backpropagates through M solver steps of the DiT, so without it a real-sized base does not fit.
+    The instance gets what diffusers' other DiTs have: a ``gradient_checkpointing`` flag per block
+    (diffusers' ``_set_gradient_checkpointing`` switches it) and a per-instance ``forward`` that recomputes
+    the block in backward while grad is enabled. Class, parameter names and outputs stay the stock
+    model's, so LoRA folders and saved weights load into a stock pipeline. A diffusers version whose
+    model supports checkpointing itself is left alone.
+    """
+    import types
+
+    if type(model)._supports_gradient_checkpointing:
+        return model
+    for block in model.blocks:
+        if "forward" not in vars(block):
+            block.gradient_checkpointing = False
+            block.forward = types.MethodType(_checkpointed_block_forward, block)
+    model._supports_gradient_checkpointing = True
+    return model
+
+
+def _checkpointed_block_forward(self, hidden_states, encoder_hidden_states=None, temb=None, image_rotary_emb=None,
+                                skip=None):
+    forward = type(self).forward
+    if self.gradient_checkpointing and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, skip,
+                          use_reentrant=False)
+    return forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, skip)
 
 
 def _encode_one(tokenizer, text_encoder, prompts: list[str], length: int, device):
@@ -269,44 +307,24 @@ def ensure_tiny(recipe) -> Path:
 class HunyuanDiTBackbone(Backbone):
     name = "hunyuan-dit"
     label = "Hunyuan-DiT"
+    hub_example = "Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers"
     parts = ("transformer", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "vae", "scheduler")
     denoiser_part = "transformer"
     text_encoder_parts = ()  # both encoders frozen (the paper trains LoRA on the DiT only)
     layout = "model_index.json, transformer/, text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/, vae/, scheduler/"
     lora_presets = {"denoiser": DIT_TARGETS}
+    part_classes = {"transformer": "diffusers.HunyuanDiT2DModel", "text_encoder": "transformers.BertModel",
+                    "text_encoder_2": "transformers.T5EncoderModel"}
+    scheduler_class = "DDPMScheduler"  # what Hunyuan-DiT ships
 
-    def load_part(self, part: str, base: str, kw: dict, dtype):
-        import diffusers
-        from diffusers import DDPMScheduler, HunyuanDiT2DModel
-        from transformers import AutoTokenizer, BertModel, T5EncoderModel
-
-        from .loading import _vae_class
-
-        if part == "transformer":
-            return HunyuanDiT2DModel.from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "vae":
-            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "text_encoder":
-            return BertModel.from_pretrained(base, dtype=dtype, **kw)
-        if part == "text_encoder_2":
-            return T5EncoderModel.from_pretrained(base, dtype=dtype, **kw)
-        if part in ("tokenizer", "tokenizer_2"):
-            return AutoTokenizer.from_pretrained(base, **kw)
-        # The scheduler class the base names (DDPM): its full config stays, so the training DDPM
-        # and DPM-Solver++ built from it see every setting.
-        cfg = DDPMScheduler.load_config(base, **kw)
-        return getattr(diffusers, str(cfg.get("_class_name")), DDPMScheduler).from_config(cfg)
+    def prepare_part(self, part: str, model):
+        return with_gradient_checkpointing(model) if part == self.denoiser_part else model
 
     def build_tiny(self, recipe) -> Path:
         return ensure_tiny(recipe)
 
     def tiny_dir(self, recipe) -> Path:
         return tiny_dir(recipe)
-
-    def denoiser_class(self):
-        from diffusers import HunyuanDiT2DModel
-
-        return HunyuanDiT2DModel
 
     def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
         # Under no_grad: both encoders are frozen by design and the loop does not freeze parts that
@@ -346,4 +364,4 @@ class HunyuanDiTBackbone(Backbone):
 BACKBONE = HunyuanDiTBackbone()
 
 __all__ = ["BACKBONE", "HunyuanDiTBackbone", "DIT_TARGETS", "HUNYUAN_SCHEDULER", "predict_noise",
-           "build_bert_tokenizer", "ensure_tiny"]
+           "with_gradient_checkpointing", "build_bert_tokenizer", "ensure_tiny"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,8 @@ _NEEDS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "vae": (("config.json",), ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")),
     "text_encoder": (("config.json",), ("model*.safetensors", "pytorch_model*.bin")),
     # vocab.txt: a BERT WordPiece tokenizer without tokenizer.json (Hunyuan-DiT's CLIP-like encoder).
-    "tokenizer": (("tokenizer.json", "spiece.model", "vocab.txt"), None),
+    # vocab.json (+ merges.txt): a CLIP BPE tokenizer without tokenizer.json (the SD 1.x / SDXL hub folders).
+    "tokenizer": (("tokenizer.json", "spiece.model", "vocab.txt", "vocab.json"), None),
     "scheduler": (("scheduler_config.json",), None),
 }
 
@@ -114,8 +114,13 @@ def resolve_base(recipe) -> str:
 # ----------------------------------------------------------------------------- checking
 
 
-def _how_to_get(base: str) -> str:
-    hub_id = base if not _is_local(base) else DEFAULT_BASE
+def _how_to_get(base: str, bb=None) -> str:
+    """How to get a base's weights; a local directory gets its family's usual Hub id as the example."""
+    if _is_local(base) and bb is not None and not bb.hub_example:  # trained from scratch: no Hub weights
+        return (f"A {bb.label} base is written by medsynth.models.{bb.__module__.rsplit('.', 1)[-1]}.save_base "
+                "(docs/paper.md shows the command); or use --set model.base=tiny for the small model built from "
+                "your data.")
+    hub_id = base if not _is_local(base) else (getattr(bb, "hub_example", "") or DEFAULT_BASE)
     return (f"Get the weights on a machine with internet: `hf download {hub_id} --local-dir DIR` "
             f"(older huggingface_hub: `huggingface-cli download {hub_id} --local-dir DIR`), copy DIR here "
             "and pass --set model.base=DIR; "
@@ -146,7 +151,7 @@ def _layout_error(what: str, missing: list[str], base: str, bb=None) -> UserErro
     return UserError(
         f"model.base: {what} cannot be loaded: missing {', '.join(missing)}. "
         f"A {label} base in diffusers layout holds {layout} (each with its config and weights). "
-        + _how_to_get(base))
+        + _how_to_get(base, bb))
 
 
 def _backbone_or_none(recipe):
@@ -165,21 +170,23 @@ def check_base(recipe, parts=None) -> None:
     if recipe.model.base.strip() == "tiny" or _is_local(base):
         root = Path(base)
         if not root.is_dir():
-            raise UserError(f"model.base: {root} is not a directory. Give a local diffusers directory ({LAYOUT}), "
-                            "a Hugging Face id, or 'tiny'. " + _how_to_get(recipe.model.base))
+            raise UserError(f"model.base: {root} is not a directory. Give a local diffusers directory "
+                            f"({bb.layout if bb is not None else LAYOUT}), "
+                            "a Hugging Face id, or 'tiny'. " + _how_to_get(recipe.model.base, bb))
         missing = missing_parts(root, parts)
         if missing:
             raise _layout_error(str(root), missing, recipe.model.base, bb)
         return
-    _check_hub(base, recipe.model.revision, parts)
+    _check_hub(base, recipe.model.revision, parts, bb)
 
 
-def _check_hub(repo_id: str, revision: str | None, parts) -> None:
+def _check_hub(repo_id: str, revision: str | None, parts, bb=None) -> None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     rev = f" (revision {revision})" if revision else ""
+    layout = bb.layout if bb is not None else LAYOUT
     if is_offline():
         # huggingface_hub answers a cache miss in offline mode with LocalEntryNotFoundError
         # ("Cannot find the requested files in the disk cache and outgoing traffic has been disabled").
@@ -189,10 +196,10 @@ def _check_hub(repo_id: str, revision: str | None, parts) -> None:
             raise UserError(
                 f"model.base: '{repo_id}'{rev} is not in the Hugging Face cache and downloads are disabled "
                 f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set); there is no local directory of that name either. "
-                f"It needs {LAYOUT}. " + _how_to_get(repo_id)) from None
+                f"It needs {layout}. " + _how_to_get(repo_id)) from None
         missing = missing_parts(Path(snap), parts)
         if missing:
-            raise _layout_error(f"'{repo_id}'{rev} (cached at {snap})", missing, repo_id)
+            raise _layout_error(f"'{repo_id}'{rev} (cached at {snap})", missing, repo_id, bb)
         return
     try:
         from huggingface_hub import HfApi
@@ -201,7 +208,7 @@ def _check_hub(repo_id: str, revision: str | None, parts) -> None:
     except (RepositoryNotFoundError, GatedRepoError) as e:
         kind = "is gated: accept its licence on huggingface.co and log in (`hf auth login`)" if isinstance(e, GatedRepoError) \
             else "does not exist on the Hugging Face Hub (or is private: log in with `hf auth login`)"
-        raise UserError(f"model.base: '{repo_id}' {kind}. Check the id, or give a local diffusers directory ({LAYOUT}) or 'tiny'.") from None
+        raise UserError(f"model.base: '{repo_id}' {kind}. Check the id, or give a local diffusers directory ({layout}) or 'tiny'.") from None
     except RevisionNotFoundError:
         raise UserError(f"model.revision: '{revision}' is not a branch, tag or commit of '{repo_id}'; fix or remove model.revision") from None
     except Exception as e:  # HfHubHTTPError, OSError, and httpx transport errors (ConnectError) alike
@@ -214,7 +221,7 @@ def _check_hub(repo_id: str, revision: str | None, parts) -> None:
         if not any(f.startswith(part + "/") for f in files):
             missing.append(f"{part}/")
     if missing:
-        raise _layout_error(f"'{repo_id}'{rev} on the Hub", missing, repo_id)
+        raise _layout_error(f"'{repo_id}'{rev} on the Hub", missing, repo_id, bb)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -252,7 +259,7 @@ def _wrap(base: str, part: str, e: Exception, bb=None) -> UserError:
     label, layout = (bb.label, bb.layout) if bb is not None else ("PixArt-alpha", LAYOUT)
     return UserError(f"model.base: loading {part}/ of {base} failed ({e.__class__.__name__}: {str(e)[:400]}). "
                      f"The directory or repo must hold a {label} pipeline in diffusers layout ({layout}). "
-                     + _how_to_get(base))
+                     + _how_to_get(base, bb))
 
 
 def _vae_class(base: str, kw: dict):
@@ -276,14 +283,19 @@ def _vae_class(base: str, kw: dict):
 
 
 def load_tokenizer(recipe):
-    """The base model's T5 tokenizer. For ``tiny`` it is built alone (no VAE fit) and loaded from disk."""
-    if recipe.model.base.strip() == "tiny":
-        from .tiny import tokenizer_dir
-
-        base = str(tokenizer_dir(recipe).resolve())
-    else:
-        base = resolve_base(recipe)
+    """The tokenizer that counts caption tokens for the recipe's family (``Backbone.caption_tokenizer_base``):
+    the base's ``tokenizer/`` (T5 for PixArt, CLIP for SD / SDXL, BERT for Hunyuan-DiT). For ``tiny``
+    it is loaded from the tiny base on disk (PixArt's is built alone, with no VAE fit)."""
+    bb = _backbone_or_none(recipe)
+    tiny = recipe.model.base.strip() == "tiny"
+    if bb is None:  # model_index.json unreadable: check_base names what is missing
         check_base(recipe, parts=("tokenizer",))
+        base = resolve_base(recipe)
+    else:
+        if not tiny and "tokenizer" in bb.parts:
+            check_base(recipe, parts=("tokenizer",))
+        base = bb.caption_tokenizer_base(recipe)
+        bb.check_recipe(recipe, base)
     try:
         tok = _tokenizer_from(base, _load_kwargs(recipe, base, "tokenizer"))
     except (OSError, ValueError) as e:
@@ -338,6 +350,53 @@ def _tokenizer_from(base: str, kw: dict):
             raise e from None
 
 
+class StoredWeights:
+    """Tensors of one part as its safetensors files store them, read one at a time (memory-mapped).
+
+    For merging a LoRA against the unrounded base weights when the part was loaded in bf16 / fp16:
+    reading each merged layer's weight from the files costs one layer's memory, where loading the
+    whole part a second time in float32 would cost ~19 GB for T5-XXL."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                self._where.update(dict.fromkeys(h.keys(), f))
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, key: str):
+        """The stored tensor ``key`` (its stored dtype), or None when the files do not hold it."""
+        from safetensors import safe_open
+
+        f = self._where.get(key)
+        if f is None:
+            return None
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            return h.get_tensor(key)
+
+
+def stored_weights(base: str, part: str, revision: str | None = None) -> StoredWeights | None:
+    """The safetensors files of ``part`` of ``base`` (a local diffusers directory, or a Hub id whose
+    files ``from_pretrained`` already put in the local cache); None when there are none (e.g. only
+    ``.bin`` files, or nothing cached): the caller then merges against the loaded weights."""
+    root = Path(base).expanduser()
+    if not _is_local(base):
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(base, revision=revision, allow_patterns=[f"{part}/*"], local_files_only=True))
+        except Exception:  # not cached / not a repo: no stored weights to read
+            return None
+    files = sorted((root / part).glob("*.safetensors"))
+    # A variant (diffusion_pytorch_model.fp16.safetensors) beside the full file holds rounded copies.
+    full = [f for f in files if f.name.count(".") == 1 or "-of-" in f.name]
+    return StoredWeights(full) if full else None
+
+
 def load_components(recipe, parts=None, device=None, dtype=None) -> Components:
     """Load the asked-for parts (default: every part of the recipe's family) with ``from_pretrained``;
     models go to ``device`` in ``dtype``, in eval mode. The family's backbone picks each part's class.
@@ -356,6 +415,7 @@ def load_components(recipe, parts=None, device=None, dtype=None) -> Components:
         raise ValueError(f"unknown part(s) {[p for p in parts if p not in _NEEDS]}; choose from {tuple(_NEEDS)}")
     check_base(recipe, parts=parts)
     bb = get(family_of(recipe))
+    bb.check_recipe(recipe, base)
     parts = tuple(bb.parts if parts is None else parts)
     unknown = [p for p in parts if p not in bb.parts]
     if unknown:

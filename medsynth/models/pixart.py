@@ -149,42 +149,35 @@ def encode_text(tokenizer, text_encoder, prompts: Sequence[str], max_length: int
 class PixArtBackbone(Backbone):
     name = "pixart"
     label = "PixArt-alpha"
+    hub_example = "PixArt-alpha/PixArt-XL-2-512x512"
     parts = ("transformer", "text_encoder", "tokenizer", "vae", "scheduler")
     denoiser_part = "transformer"
     text_encoder_parts = ("text_encoder",)
     layout = "model_index.json, transformer/, text_encoder/, tokenizer/, vae/, scheduler/"
     lora_presets = {"denoiser": DIT_TARGETS, "text_encoder": T5_TARGETS}
-
-    def load_part(self, part: str, base: str, kw: dict, dtype):
-        from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
-        from transformers import T5EncoderModel
-
-        from .loading import _tokenizer_from, _vae_class
-
-        if part == "transformer":
-            return PixArtTransformer2DModel.from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "vae":
-            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "text_encoder":
-            return T5EncoderModel.from_pretrained(base, dtype=dtype, **kw)
-        if part == "tokenizer":
-            return _tokenizer_from(base, kw)
-        return DPMSolverMultistepScheduler.from_pretrained(base, **kw)
+    part_classes = {"transformer": "diffusers.PixArtTransformer2DModel", "text_encoder": "transformers.T5EncoderModel"}
+    scheduler_class = "DPMSolverMultistepScheduler"
 
     def build_tiny(self, recipe) -> Path:
         from .tiny import ensure_tiny_base
 
         return ensure_tiny_base(recipe)
 
-    def denoiser_class(self):
-        from diffusers import PixArtTransformer2DModel
+    def check_recipe(self, recipe, base: str) -> None:
+        warn_sigma_token_limit(base, recipe.model.max_text_tokens)
 
-        return PixArtTransformer2DModel
+    def caption_tokenizer_base(self, recipe) -> str:
+        # The tiny base's tokenizer alone: the caption stage need not build the model (nor fit a VAE).
+        from .loading import resolve_base
+        from .tiny import tokenizer_dir
+
+        return str(tokenizer_dir(recipe).resolve()) if recipe.model.base.strip() == "tiny" else resolve_base(recipe)
+
+    def caption_token_limit(self, recipe, tokenizer) -> int:
+        # T5 has relative positions: model.max_text_tokens is the limit, whatever the tokenizer's config says.
+        return int(recipe.model.max_text_tokens)
 
     def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
-        # Here rather than in load_part: the first encode follows the load, and only here are the
-        # base and the token limit both known.
-        warn_sigma_token_limit(comps.base, max_length)
         embeds, mask = encode_text(comps.tokenizer, comps.text_encoder, prompts, max_length, device)
         return Cond({"embeds": embeds, "mask": mask})
 

@@ -222,42 +222,20 @@ def ensure_tiny(recipe) -> Path:
 class SDBackbone(Backbone):
     name = "sd"
     label = "Stable Diffusion 1.x"
+    hub_example = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     parts = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
     denoiser_part = "unet"
     text_encoder_parts = ("text_encoder",)
     layout = "model_index.json, unet/, text_encoder/, tokenizer/, vae/, scheduler/"
     lora_presets = {"denoiser": UNET_TARGETS, "text_encoder": CLIP_TARGETS}
-
-    def load_part(self, part: str, base: str, kw: dict, dtype):
-        import diffusers
-        from diffusers import PNDMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel
-
-        from .loading import _tokenizer_from, _vae_class
-
-        if part == "unet":
-            return UNet2DConditionModel.from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "vae":
-            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
-        if part == "text_encoder":
-            return CLIPTextModel.from_pretrained(base, dtype=dtype, **kw)
-        if part == "tokenizer":
-            return _tokenizer_from(base, kw)
-        # The scheduler class the base names (SD ships PNDM): its full config stays, so DDPM and
-        # DPM-Solver++ built from it see every setting (clip_sample, steps_offset, ...).
-        cfg = PNDMScheduler.load_config(base, **kw)
-        return getattr(diffusers, str(cfg.get("_class_name")), PNDMScheduler).from_config(cfg)
+    part_classes = {"unet": "diffusers.UNet2DConditionModel", "text_encoder": "transformers.CLIPTextModel"}
+    scheduler_class = "PNDMScheduler"  # what SD ships
 
     def build_tiny(self, recipe) -> Path:
         return ensure_tiny(recipe)
 
     def tiny_dir(self, recipe) -> Path:
         return tiny_dir(recipe)
-
-    def denoiser_class(self):
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
 
     def encode(self, comps, prompts: Sequence[str], max_length: int, device, labels=None) -> Cond:
         # Not under no_grad: the CLIP LoRA trains through this.

@@ -194,29 +194,14 @@ def force_zeros_for_empty_prompt(base: str) -> bool:
 class SDXLBackbone(SDBackbone):
     name = "sdxl"
     label = "Stable Diffusion XL"
+    hub_example = "stabilityai/stable-diffusion-xl-base-1.0"
     parts = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler")
     denoiser_part = "unet"
     text_encoder_parts = ("text_encoder", "text_encoder_2")
     layout = "model_index.json, unet/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, vae/, scheduler/"
     lora_presets = {"denoiser": UNET_TARGETS, "text_encoder": CLIP_TARGETS, "text_encoder_2": CLIP_TARGETS}
-
-    def load_part(self, part: str, base: str, kw: dict, dtype):
-        from diffusers import EulerDiscreteScheduler
-
-        if part == "text_encoder_2":
-            from transformers import CLIPTextModelWithProjection
-
-            return CLIPTextModelWithProjection.from_pretrained(base, dtype=dtype, **kw)
-        if part == "tokenizer_2":
-            from .loading import _tokenizer_from
-
-            return _tokenizer_from(base, kw)
-        if part == "scheduler":
-            import diffusers
-
-            cfg = EulerDiscreteScheduler.load_config(base, **kw)
-            return getattr(diffusers, str(cfg.get("_class_name")), EulerDiscreteScheduler).from_config(cfg)
-        return super().load_part(part, base, kw, dtype)
+    part_classes = {**SDBackbone.part_classes, "text_encoder_2": "transformers.CLIPTextModelWithProjection"}
+    scheduler_class = "EulerDiscreteScheduler"  # what SDXL base ships
 
     def build_tiny(self, recipe) -> Path:
         return ensure_tiny(recipe)
