@@ -76,9 +76,11 @@ def stage_key(recipe: Recipe, stage: str) -> str:
     if stage == "prepare":
         return sha256_json({**common, "data": d["data"], "files": _data_listing(recipe)})
     if stage == "caption":
+        from .caption import caption_family
+
         return sha256_json({**common, **prepared, "caption": d["caption"], "modality": d["modality"],
                             "visual_features": d["visual_features"], "base": d["model"]["base"],
-                            "max_text_tokens": d["model"]["max_text_tokens"]})
+                            "max_text_tokens": d["model"]["max_text_tokens"], **caption_family(recipe)})
     captions = _file_hash(wd / "captions.jsonl")
     if stage == "finetune":
         return sha256_json({**common, **prepared, "captions": captions, "model": d["model"],

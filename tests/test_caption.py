@@ -248,3 +248,37 @@ def test_simplifier_is_checked_only_when_a_known_caption_is_too_long(assets, tmp
     assert {r["how"] for r in _records(wd) if r["caption"].startswith("a brown")} == {"truncated"}
     caption_run(recipe, source="stats")  # never simplifies
     assert {r["source"] for r in _records(wd)} == {"stats"}
+
+
+def test_sd_family_fits_captions_to_clip_77_tokens(assets, tmp_path):
+    """A text family's caption stage counts with that family's tokenizer (CLIP for sd) and caps the
+    limit at the encoder's own 77 tokens, even when model.max_text_tokens allows more; the family is
+    part of the caption settings, so switching it on the same base captions again."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    long = "a lesion with " + ", ".join(f"speckle {i} of uneven brown tone" for i in range(40))
+    path = _recipe_file(assets, tmp_path, source="file", file=str(tmp_path / "caps.csv"), simplify_retries=0)
+    doc = yaml.safe_load(path.read_text())
+    doc["model"].update(max_text_tokens=120, resolution=64, tiny={"autoencoder": "taef2"})
+    path.write_text(yaml.safe_dump(doc))
+    pix = load_recipe(path)
+    prepare_run(pix)
+    rows = read_manifest(pix.workdir_path, "train")
+    (tmp_path / "caps.csv").write_text("path,caption\n" + "".join(f'{r.path},"{long}"\n' for r in rows))
+
+    caption_run(pix)
+    t5 = load_tokenizer(pix)
+    assert isinstance(t5, T5TokenizerFast) or type(t5).__name__.startswith("T5")
+    pix_recs = _records(pix.workdir_path)
+    assert max(r["n_tokens"] for r in pix_recs) > 77  # PixArt's T5 keeps up to model.max_text_tokens (120)
+
+    sd = load_recipe(path, ["model.family=sd"])
+    caption_run(sd)  # the family changed: every image is captioned again, for CLIP
+    clip = load_tokenizer(sd)
+    assert isinstance(clip, CLIPTokenizer) and clip.model_max_length == 77
+    recs = _records(sd.workdir_path)
+    assert len(recs) == len(rows) and {r["settings"] for r in recs} != {r["settings"] for r in pix_recs}
+    for r in recs:
+        n = len(clip(r["caption"])["input_ids"])
+        assert r["n_tokens"] == n <= 77, (n, r["caption"])
+        assert r["how"] == "truncated"

@@ -125,17 +125,38 @@ def test_load_finetuned_on_stock_sigma_pipeline_equals_synthesis(sig):
     assert np.abs(got - ours).max() <= 1e-4
 
 
-def test_sigma_below_300_tokens_warns_once_naming_the_fix(sig, comps, monkeypatch, capsys):
+def test_sigma_below_300_tokens_warns_once_at_load_naming_the_fix(sig, comps, monkeypatch, capsys):
+    """The warning comes where parts are loaded with the recipe at hand (components and the caption
+    stage's tokenizer), once per base; encoding (every training step) checks nothing."""
     from medsynth.models import loading, pixart
 
     monkeypatch.setattr(pixart, "_warned_bases", set(), raising=False)
-    pixart.BACKBONE.encode(comps, PROMPTS, 16, "cpu")
+    r16 = _with_tokens(sig["recipe"], 16)
+    loading.load_components(r16, parts=("tokenizer",), device="cpu", dtype="fp32")
     err = capsys.readouterr().err
     assert "PixArt-Σ" in err and "model.max_text_tokens is 16" in err
     assert "--set model.max_text_tokens=300" in err
-    pixart.BACKBONE.encode(comps, PROMPTS, 16, "cpu")
+    loading.load_tokenizer(r16)
     assert "max_text_tokens" not in capsys.readouterr().err  # once per base
+
+    monkeypatch.setattr(pixart, "_warned_bases", set(), raising=False)
+    loading.load_tokenizer(r16)  # the caption stage's load warns too
+    assert "model.max_text_tokens is 16" in capsys.readouterr().err
+
+    monkeypatch.setattr(pixart, "_warned_bases", set(), raising=False)
+    pixart.BACKBONE.encode(comps, PROMPTS, 16, "cpu")
+    assert "max_text_tokens" not in capsys.readouterr().err  # not per step
+    loading.load_components(_with_tokens(sig["recipe"], 300), parts=("tokenizer",), device="cpu", dtype="fp32")
+    assert "max_text_tokens" not in capsys.readouterr().err  # Σ's own 300: nothing to say
     # An α base with the same limit: no warning.
-    alpha = loading.load_components(sig["alpha"], parts=("tokenizer", "text_encoder"), device="cpu", dtype="fp32")
-    pixart.BACKBONE.encode(alpha, PROMPTS, 16, "cpu")
+    loading.load_components(_with_tokens(sig["alpha"], 16), parts=("tokenizer", "text_encoder"), device="cpu",
+                            dtype="fp32")
     assert "max_text_tokens" not in capsys.readouterr().err
+
+
+def _with_tokens(recipe, n: int):
+    import copy
+
+    r = copy.deepcopy(recipe)
+    r.model.max_text_tokens = n
+    return r

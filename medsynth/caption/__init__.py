@@ -36,6 +36,16 @@ from .text import TokenCounter
 SOURCES = ("vlm", "simple", "empty", "file", "stats")
 
 
+def caption_family(recipe: Recipe) -> dict:
+    """``{"family": F}`` when ``model.family`` names a family other than PixArt, else nothing.
+
+    The family decides the tokenizer that counts caption tokens (and so where captions are cut)
+    even on the same ``model.base`` ('tiny'); PixArt, the default, adds nothing, so the caption
+    settings written before families existed stay valid."""
+    family = getattr(recipe.model, "family", None)
+    return {"family": family} if family and family != "pixart" else {}
+
+
 def captions_path(workdir: Path) -> Path:
     return Path(workdir) / "captions.jsonl"
 
@@ -45,6 +55,7 @@ def _settings(recipe: Recipe, source: str, categories: dict[str, str]) -> dict:
     c = recipe.caption
     s: dict = {"source": source, "max_text_tokens": recipe.model.max_text_tokens, "base": recipe.model.base,
                "simplify_model": c.simplify_model, "simplify_retries": c.simplify_retries}
+    s.update(caption_family(recipe))
     if source in ("vlm", "stats", "simple"):
         s.update(modality=recipe.modality, categories=categories)
     if source == "vlm":
@@ -131,7 +142,9 @@ def _run(recipe: Recipe, source: str | None, all_splits: bool, fresh: bool) -> P
     # Everything that can fail for want of a file or weights fails here, before any work (and
     # before old captions are moved aside): the base tokenizer, the VLM, and the simplifier
     # whenever this run might call it.
-    counter = TokenCounter(_tokenizer(recipe), recipe.model.max_text_tokens)
+    tokenizer = _tokenizer(recipe)
+    limit = _token_limit(recipe, tokenizer)
+    counter = TokenCounter(tokenizer, limit)
     produce = _make_source(recipe, src, rows, categories) if todo_keys else None
     from .simplify import Simplifier
 
@@ -183,9 +196,10 @@ def _run(recipe: Recipe, source: str | None, all_splits: bool, fresh: bool) -> P
     missing = target - {store.key(r["sha256"], r["path"]) for r in final}
     if missing:  # cannot happen unless the file was edited concurrently; never report success then
         raise UserError(f"{out}: {len(missing)} image(s) still lack a caption; rerun `medsynth caption`")
-    over = [r["path"] for r in final if r["n_tokens"] > recipe.model.max_text_tokens]
+    over = [r["path"] for r in final if r["n_tokens"] > limit]
     if over:
-        raise UserError(f"{out}: {len(over)} caption(s) exceed model.max_text_tokens; rerun with --fresh")
+        raise UserError(f"{out}: {len(over)} caption(s) exceed the token limit {limit} (model.max_text_tokens, capped by "
+                        "the text encoder's own); rerun with --fresh")
 
     write_provenance(stage_dir, recipe, "caption", config=settings, complete=True,
                      inputs={"manifest.csv": sha256_file(workdir / "manifest.csv"), "captions.jsonl": sha256_file(out)},
@@ -214,6 +228,20 @@ def _tokenizer(recipe: Recipe):
     from .hf import load_base_tokenizer
 
     return load_base_tokenizer(recipe)
+
+
+def _token_limit(recipe: Recipe, tokenizer) -> int:
+    """The family's caption token limit (``Backbone.caption_token_limit``; CLIP caps it at 77)."""
+    from ..models.backbone import family_of, get
+
+    family = family_of(recipe, strict=False)
+    if family is None:
+        return recipe.model.max_text_tokens
+    limit = get(family).caption_token_limit(recipe, tokenizer)
+    if limit < recipe.model.max_text_tokens:
+        console.info(f"caption: captions are fitted to {limit} tokens, the text encoder's limit "
+                     f"(model.max_text_tokens is {recipe.model.max_text_tokens})")
+    return limit
 
 
 def _make_source(recipe: Recipe, src: str, rows, categories):
