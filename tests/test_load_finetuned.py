@@ -193,9 +193,20 @@ def test_synthesis_merges_lora_in_fp32_before_casting_to_bf16(ft, tmp_path):
     from medsynth.models.loading import load_components
     from medsynth.synthesize import load_model
 
+    from medsynth.models import loading
+
     r = ft["recipe"]
     _small_update_adapter(r, tmp_path)
-    got = load_model(r, tmp_path, "cpu", torch.bfloat16)
+    loads, real_load = [], loading.load_components
+
+    def spy(*a, **kw):
+        loads.append(kw.get("dtype"))
+        return real_load(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loading, "load_components", spy)
+        got = load_model(r, tmp_path, "cpu", torch.bfloat16)
+    assert loads == [torch.bfloat16]  # no second, float32 load of a whole part: the files are read per layer
 
     # The reference: fp32 base weights W plus peft's own fp32 delta, exact sum; want = one rounding to bf16.
     ref = load_components(r, parts=("transformer", "text_encoder"), device="cpu", dtype=torch.float32)
@@ -231,6 +242,53 @@ def test_synthesis_merges_lora_in_fp32_before_casting_to_bf16(ft, tmp_path):
     # Measured: total |error| 4.13 (new) vs 4.68 (old); weights moved by the update 7906 vs 5535 of 27392.
     assert err_new < err_old, (err_new, err_old)
     assert kept_new > 1.2 * kept_old, (kept_new, kept_old)
+
+
+def test_bf16_merge_on_a_real_shaped_base_reads_every_layer_from_its_files(tmp_path, capsys):
+    """On the real-shaped PixArt-alpha 512 base (hub layout: the legacy Transformer2DModel checkpoint,
+    T5-XXL width in bf16 shards), every LoRA layer's weight is found in the files under its module
+    name, and the bf16 result is the stored weight plus the delta, rounded once."""
+    import real_shaped
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from medsynth.finetune import adapters, lora
+    from medsynth.models.loading import stored_weights
+    from medsynth.recipe import load_recipe
+
+    base = real_shaped.ensure("512")
+    r = load_recipe("demo", [f"model.base={base}", f"workdir={tmp_path / 'ws'}", "finetune.lora.rank=2"])
+    bb = pixart.BACKBONE
+    t32 = bb.load_part("transformer", str(base), {"subfolder": "transformer"}, torch.float32)
+    cfg = lora.add_lora(t32, r.finetune.lora, pixart.DIT_TARGETS["paper"], "dit")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in t32.modules():
+            if hasattr(layer, "lora_B") and "default" in layer.lora_B:
+                layer.lora_B["default"].weight.normal_(0, 1e-3, generator=g)
+    out = tmp_path / "ft" / "final"
+    adapters.save_peft_dir(t32, cfg, out / "transformer", str(base), "transformer")
+    (out / "adapter.json").write_text(json.dumps({"kind": "lora", "base": str(base), "resolution": 512}))
+    del t32
+
+    stored = stored_weights(str(base), "transformer")
+    assert stored is not None and len(stored) > 0
+    comps = type("C", (), {})()
+    comps.transformer = bb.load_part("transformer", str(base), {"subfolder": "transformer"}, torch.bfloat16)
+    adapters.apply_finetuned(comps, out, base=str(base), parts=("transformer",))
+    assert "were merged into their" not in capsys.readouterr().err  # no layer missed in the files
+
+    ref = PeftModel.from_pretrained(bb.load_part("transformer", str(base), {"subfolder": "transformer"},
+                                                 torch.float32), str(out / "transformer"))
+    have = dict(comps.transformer.named_parameters())
+    n = 0
+    for name, layer in ref.base_model.model.named_modules():
+        if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer"):
+            with torch.no_grad():
+                want = (layer.get_base_layer().weight + layer.get_delta_weight("default")).to(torch.bfloat16)
+            assert torch.equal(have[f"{name}.weight"], want), name
+            n += 1
+    assert n > 20
 
 
 def test_fp16_merge_keeps_the_dtypes_from_pretrained_chose(ft, tmp_path):

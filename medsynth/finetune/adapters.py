@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .. import console
 from ..errors import UserError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "config.json",
@@ -107,12 +108,15 @@ def lora_parts(finetune_dir) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda p: (order.index(p) if p in order else len(order), p)))
 
 
-def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.nn.Module:
+def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool, stored=None) -> torch.nn.Module:
     """Apply the PEFT adapter in ``adapter_dir`` to ``model`` in place; returns that same model.
 
     The merge runs per layer in float32 (the base layer is upcast, the LoRA delta added, the sum
     cast back): peft's own merge adds a delta cast to the weight's dtype, and a bf16 weight
-    (8 significant bits) rounds an update below half its spacing away entirely.
+    (8 significant bits) rounds an update below half its spacing away entirely. ``stored``
+    (:class:`medsynth.models.loading.StoredWeights` of the part) gives each merged layer's weight
+    as the files hold it, so the delta is added to the unrounded weight and the sum rounded once;
+    a layer the files do not hold under its module name is merged against its loaded weight.
     """
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -121,13 +125,25 @@ def _load_lora(model: torch.nn.Module, adapter_dir: Path, merge: bool) -> torch.
     wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
     if not merge:
         return model
-    for layer in model.modules():
+    missed = []
+    for name, layer in model.named_modules():
         if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer"):
             base = layer.get_base_layer()
             dtype = base.weight.dtype
             base.float()
+            if stored is not None and dtype != torch.float32:
+                w = stored.get(f"{name}.weight")
+                if w is not None and w.shape == base.weight.shape:
+                    with torch.no_grad():
+                        base.weight.copy_(w)
+                else:
+                    missed.append(name)
             layer.merge()
             base.to(dtype)
+    if missed:
+        console.warn(f"{adapter_dir}: {len(missed)} LoRA layer(s) (e.g. {missed[0]}) were merged into their "
+                     f"{str(dtype).replace('torch.', '')} weights, not into the stored ones: the base's files do not "
+                     "hold them under the module's name")
     return wrapped.unload()  # the merged base layers back in place of the LoRA wrappers
 
 
@@ -137,17 +153,26 @@ def adapter_parts(finetune_dir) -> tuple[str, ...]:
     return (bb.denoiser_part, *bb.text_encoder_parts)
 
 
-def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None):
+def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None, base: str | None = None,
+                    revision: str | None = None):
     """Apply the final adapters of ``finetune_dir`` to ``components`` in place and return them.
 
     ``components`` is anything with the backbone's part attributes (medsynth's
     :class:`~medsynth.models.loading.Components`, or the family's stock pipeline); only ``parts``
     (default: the denoiser and text encoders) are touched, and a part that is None is skipped.
-    LoRA is merged into the base weights in float32, then cast back to the weights' dtype (to
-    merge against unrounded base weights, load the base in float32 first, as synthesis does);
+    LoRA is merged into the base weights in float32, then cast back to the weights' dtype;
+    with ``base`` (the id or directory the components were loaded from) a part loaded in bf16 /
+    fp16 is merged against the weights as ``base``'s files store them, read one layer at a time
+    (:func:`medsynth.models.loading.stored_weights`), so each weight is rounded once.
     ``merge=False`` leaves the LoRA layers in. With ``kind: full`` the fine-tuned denoiser
     replaces the loaded one (same dtype and device).
     """
+    from ..models.loading import stored_weights
+
+    def lora(model, part):
+        stored = stored_weights(base, part, revision) if (base and merge) else None
+        return _load_lora(model, root / part, merge, stored).eval()
+
     root = _root(finetune_dir)
     info = read_adapter_info(root)
     bb = backbone_of(info)
@@ -160,7 +185,7 @@ def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None)
         if info.get("kind") == "full":
             setattr(components, den, bb.load_full_denoiser(root / den, p.dtype).to(p.device).eval())
         elif den in have:
-            setattr(components, den, _load_lora(tr, root / den, merge).eval())
+            setattr(components, den, lora(tr, den))
         else:
             raise UserError(f"{root / 'adapter.json'} says kind {info.get('kind')!r} but {root / den} holds "
                             "no PEFT adapter (adapter_config.json): the finetune output is incomplete; "
@@ -170,7 +195,7 @@ def apply_finetuned(components, finetune_dir, *, merge: bool = True, parts=None)
             continue
         te = getattr(components, part, None)
         if te is not None and part in have:
-            setattr(components, part, _load_lora(te, root / part, merge).eval())
+            setattr(components, part, lora(te, part))
     return components
 
 
@@ -191,4 +216,5 @@ def load_finetuned(pipe, finetune_dir, *, merge: bool = True):
         raise UserError(f"load_finetuned: the pipeline has no {' or '.join(sorted(set(missing)))}, but {root} holds "
                         f"fine-tuned weights for it; build the pipeline with every component "
                         "(<Pipeline>.from_pretrained(base))")
-    return apply_finetuned(pipe, root, merge=merge)
+    # The pipeline's own base (from_pretrained's id or directory): LoRA merges against its stored weights.
+    return apply_finetuned(pipe, root, merge=merge, base=getattr(pipe, "name_or_path", None) or None)
