@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 import traceback
@@ -63,7 +64,16 @@ def _class_override(root: Path, n: int) -> list[str]:
     return ["classes=[" + ", ".join(f"{{name: {f}}}" for f in folders[:n]) + "]"]
 
 
-def _row(recipe, results, seconds: float) -> dict:
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) and its finished children.
+
+    Wall seconds on a shared 2-core machine measure the neighbours as much as the work; CPU seconds
+    do not (with OMP_NUM_THREADS=1 they are close to the wall time of an idle machine)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _row(recipe, results, seconds: float, cpu: float) -> dict:
     wd = recipe.workdir_path
     classes = json.loads((wd / "classes.json").read_text())["classes"]
     syn = json.loads((wd / "classify" / "synthetic" / "metrics.json").read_text())
@@ -80,7 +90,7 @@ def _row(recipe, results, seconds: float) -> dict:
         "colour_mean_abs_diff_rgb": sum(colour["mean_abs_diff_rgb"]) / 3,
         "colour_w1_saturation": colour["w1_saturation"],
         "stages": {r.stage: r.seconds for r in results}, "skipped": [r.stage for r in results if r.status == "skipped"],
-        "total": seconds,
+        "total": seconds, "cpu": cpu,
     }
 
 
@@ -117,11 +127,11 @@ def main() -> int:
             continue
         sets = [f"model.family={fam}", "model.base=tiny", f"data.root={data}", f"workdir={Path(args.work) / fam}",
                 "modality=endoscopic", *classes, *FAMILY_SETTINGS.get(fam, ["finetune.adapter=full"]), *args.overrides]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         try:
             recipe = load_recipe("demo", sets)
             results = pipeline.run(recipe)
-            rows.append({"family": fam, "overrides": sets, **_row(recipe, results, time.perf_counter() - t0)})
+            rows.append({"family": fam, "overrides": sets, **_row(recipe, results, time.perf_counter() - t0, _cpu_seconds() - c0)})
         except Exception as e:  # one family failing must not hide the others' numbers
             traceback.print_exc()
             rows.append({"family": fam, "overrides": sets, "error": f"{type(e).__name__}: {e}"})
@@ -130,7 +140,7 @@ def main() -> int:
     spaces = sorted({r["kid_space"] for r in rows if "kid_space" in r}) or ["?"]
     kid_head = f"KID[{'/'.join(spaces)}]"
     print(f"{'family':12s} {'C':>2s} {'BA syn':>7s} {'BA real':>7s} {'ratio':>6s} {kid_head:>12s} {'dom.FID':>8s} "
-          f"{'col.dRGB':>8s} {'W1 sat':>7s}  " + " ".join(f"{s[:5]:>5s}" for s in STAGES) + "  total")
+          f"{'col.dRGB':>8s} {'W1 sat':>7s}  " + " ".join(f"{s[:5]:>5s}" for s in STAGES) + "  total    cpu")
     for r in rows:
         if "error" in r:
             print(f"{r['family']:12s} failed: {r['error']}")
@@ -139,10 +149,11 @@ def main() -> int:
         st = " ".join(f"{'-':>5s}" if s in r["skipped"] else f"{r['stages'].get(s, 0.0):5.0f}" for s in STAGES)
         print(f"{r['family']:12s} {r['classes']:2d} {r['ba_synthetic']:7.3f} {r['ba_real']:7.3f} {ratio:6.3f} "
               f"{_f(r['kid'], '12.4f')} {_f(r['domain_fid'], '8.2f')} {r['colour_mean_abs_diff_rgb']:8.4f} "
-              f"{r['colour_w1_saturation']:7.4f}  {st}  {r['total']:.0f}")
+              f"{r['colour_w1_saturation']:7.4f}  {st}  {r['total']:5.0f}  {r['cpu']:5.0f}")
     print("BA: balanced accuracy on the real test split (chance = 1/C); col.dRGB: mean |real - synthetic| of the "
           "per-channel RGB means (pixel values in [0, 1]); W1 sat: 1-Wasserstein distance of the HSV-saturation "
-          "histograms; seconds per stage, '-' = skipped (outputs of an earlier run with the same settings).")
+          "histograms; wall seconds per stage, '-' = skipped (outputs of an earlier run with the same settings); "
+          "total: wall seconds; cpu: CPU seconds of all threads.")
     if args.json:
         tmp = Path(args.json).with_name(Path(args.json).name + ".tmp")
         tmp.write_text(json.dumps(rows, indent=1, default=str))
