@@ -149,9 +149,22 @@ def ran(base):
     tmp, data, _, _ = base
     # alpha != rank: the diffusers LoRA file must carry the scale (alpha / r = 2), not leave it to the loader's default.
     run = {"finetune.max_steps": 4, "finetune.lora.alpha": 16}
-    r = run_cli("run", "demo", *_sets(tmp, data, **SD, **run), env=_env(tmp))
+    r = run_cli("-q", "run", "demo", *_sets(tmp, data, **SD, **run), env=_env(tmp))
     assert r.returncode == 0, r.stderr[-4000:]
+    _STDERR["run"] = r.stderr
     return tmp, data, _recipe(tmp, data, **run)
+
+
+_STDERR: dict[str, str] = {}
+
+
+def test_quiet_run_prints_no_library_chatter(ran):
+    """-q: no weight-loading progress bars, library log lines or library Future/Deprecation warnings
+    (a run loads a UNet, a CLIP text encoder, a VAE and a classifier)."""
+    err = _STDERR["run"]
+    for noise in ("Loading weights", "Writing model shards", "FutureWarning", "DeprecationWarning",
+                  "should be kept in float32", "it/s]"):
+        assert noise not in err, (noise, err[-2000:])
 
 
 def test_run_completes_through_score_with_colour_loss(ran):
