@@ -141,10 +141,10 @@ class Backbone:
           DPM-Solver++ made from it see every setting (steps_offset, clip_sample, ...);
         - every other part: ``part_classes[part]``, then :meth:`prepare_part`.
         """
-        from .loading import _tokenizer_from, _vae_class
+        from .loading import _tokenizer_from, _vae_class, diffusers_dtype_kw
 
         if part == "vae":
-            return _vae_class(base, kw).from_pretrained(base, torch_dtype=dtype, **kw)
+            return _vae_class(base, kw).from_pretrained(base, **diffusers_dtype_kw(dtype), **kw)
         if part.startswith("tokenizer"):
             return _tokenizer_from(base, kw)
         if part == "scheduler":
@@ -154,8 +154,7 @@ class Backbone:
             cfg = default.load_config(base, **kw)
             return getattr(diffusers, str(cfg.get("_class_name")), default).from_config(cfg)
         lib = self.part_classes[part].partition(".")[0]
-        # diffusers' from_pretrained takes torch_dtype, transformers' (>= 4.56) dtype.
-        dtype_kw = {"torch_dtype": dtype} if lib == "diffusers" else {"dtype": dtype}
+        dtype_kw = diffusers_dtype_kw(dtype) if lib == "diffusers" else {"dtype": dtype}  # transformers >= 4.56
         return self.prepare_part(part, self._part_class(part).from_pretrained(base, **dtype_kw, **kw))
 
     def _part_class(self, part: str):
@@ -216,7 +215,10 @@ class Backbone:
 
     def load_full_denoiser(self, path: Path, dtype):
         """A fully fine-tuned denoiser saved with ``save_pretrained`` in ``path``."""
-        return self.prepare_part(self.denoiser_part, self.denoiser_class().from_pretrained(str(path), torch_dtype=dtype))
+        from .loading import diffusers_dtype_kw
+
+        return self.prepare_part(self.denoiser_part,
+                                 self.denoiser_class().from_pretrained(str(path), **diffusers_dtype_kw(dtype)))
 
     # ---- parts of loaded components
     def denoiser(self, comps):

@@ -73,6 +73,16 @@ def resolve_device(spec: str):
     return dev
 
 
+def diffusers_dtype_kw(dtype) -> dict:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype`` where diffusers has it
+    (0.42 deprecates ``torch_dtype``, 1.0 removes it), ``torch_dtype`` in older versions."""
+    import diffusers
+    from diffusers.utils import deprecation_utils
+
+    major = int(diffusers.__version__.split(".")[0])
+    return {"dtype": dtype} if major >= 1 or hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def resolve_dtype(name: str):
     """'bf16' | 'fp16' | 'fp32' -> torch dtype."""
     import torch
