@@ -244,6 +244,38 @@ def test_synthesis_merges_lora_in_fp32_before_casting_to_bf16(ft, tmp_path):
     assert kept_new > 1.2 * kept_old, (kept_new, kept_old)
 
 
+def test_load_finetuned_on_a_bf16_stock_pipeline_merges_against_the_stored_weights(ft, tmp_path):
+    """A user's pipeline built in bf16: load_finetuned reads each LoRA layer's weight from the files of the
+    pipeline's own base (name_or_path), so the result is the stored weight plus the delta, rounded once."""
+    from diffusers import PixArtAlphaPipeline
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import medsynth
+    from medsynth.models.loading import load_components, resolve_base
+
+    r = ft["recipe"]
+    _small_update_adapter(r, tmp_path)
+    pipe = PixArtAlphaPipeline.from_pretrained(resolve_base(r), torch_dtype=torch.bfloat16)
+    assert pipe.name_or_path == resolve_base(r)
+    medsynth.load_finetuned(pipe, tmp_path)
+    ref = load_components(r, parts=("transformer",), device="cpu", dtype=torch.float32).transformer
+    ref = PeftModel.from_pretrained(ref, str(tmp_path / "transformer"))
+    have = dict(pipe.transformer.named_parameters())
+    n, rounded_twice = 0, 0
+    for name, layer in ref.base_model.model.named_modules():
+        if isinstance(layer, BaseTunerLayer) and hasattr(layer, "base_layer"):
+            with torch.no_grad():
+                w = layer.get_base_layer().weight
+                want = (w + layer.get_delta_weight("default")).to(torch.bfloat16)
+                twice = (w.to(torch.bfloat16).float() + layer.get_delta_weight("default")).to(torch.bfloat16)
+            assert torch.equal(have[f"{name}.weight"], want), name
+            rounded_twice += (twice != want).sum().item()
+            n += 1
+    assert n > 20
+    assert rounded_twice > 0  # merging into the bf16-loaded weights would have given other values
+
+
 def test_bf16_merge_on_a_real_shaped_base_reads_every_layer_from_its_files(tmp_path, capsys):
     """On the real-shaped PixArt-alpha 512 base (hub layout: the legacy Transformer2DModel checkpoint,
     T5-XXL width in bf16 shards), every LoRA layer's weight is found in the files under its module
