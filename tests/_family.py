@@ -39,3 +39,45 @@ def load_comps(recipe):
     from medsynth.models.loading import load_components
 
     return load_components(recipe, device="cpu", dtype=torch.float32)
+
+
+def synthesized(recipe, ws: Path, final: Path, per_class: int):
+    """What ``medsynth synthesize`` makes from the finetune output ``final`` (fp32, CPU), for a
+    stock-pipeline comparison: (samples, prompts by sample key, float images, initial noise).
+    The engine is dropped before returning: one copy of the base in memory at a time."""
+    import gc
+
+    from medsynth.data import read_classes
+    from medsynth.synthesize import load_model, make_plan
+    from medsynth.synthesize.engine import Engine
+    from medsynth.synthesize.prompts import build_prompts
+
+    s, m = recipe.synthesize, recipe.model
+    plan = make_plan(recipe, read_classes(ws), per_class)
+    samples = [plan.shard(i)[j] for i in range(plan.n_shards) for j in range(len(plan.shard(i)))]
+    prompts, _ = build_prompts(recipe, plan, ws)
+    eng = Engine(load_model(recipe, final, "cpu", torch.float32), resolution=m.resolution, steps=s.steps,
+                 guidance=s.guidance, negative_prompt=s.negative_prompt, max_text_tokens=m.max_text_tokens,
+                 device="cpu", dtype=torch.float32)
+    ours, noise = eng.generate_float(samples, prompts), eng.noise(samples)
+    del eng
+    gc.collect()
+    return samples, prompts, ours, noise
+
+
+def assert_stock_parity(pipe, args: dict, load, ours, label: str, min_change: float):
+    """``pipe(**args)`` after ``load(pipe)`` (the finetune output loaded the stock way) gives medsynth's
+    images ``ours`` (<= 1e-4, fp32), and ``load`` changed them by more than ``min_change`` (the check
+    is not vacuous). Returns the stock pipeline's images."""
+    import numpy as np
+
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        plain = pipe(**args).images
+        load(pipe)
+        theirs = pipe(**args).images
+    diff = float(np.abs(ours - theirs).max())
+    print(f"max |synthesize - {label}| = {diff:.3g}")
+    assert diff <= 1e-4, diff
+    assert float(np.abs(theirs - plain).max()) > min_change
+    return theirs

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import real_shaped_unet as R
+from _family import assert_stock_parity, synthesized
 from conftest import ONE_THREAD, run_cli
 from test_real_shaped import RES, _check_synthetic, _finetune_two_steps, _sets
 
@@ -129,11 +130,7 @@ def test_check_base_accepts_the_hub_tokenizer_folder(kind, root, tmp_path):
 def test_finetune_synthesize_and_load_lora_weights(kind, root, tmp_path):
     """2 LoRA steps (UNet + every CLIP, HLDF at both, gradient checkpointing) -> sample grid -> synthesize;
     then a stock pipeline from the base directory with ``pipe.load_lora_weights(final/)`` makes medsynth's images."""
-    from medsynth.data import read_classes
     from medsynth.models.loading import resolve_base
-    from medsynth.synthesize import load_model, make_plan
-    from medsynth.synthesize.engine import Engine
-    from medsynth.synthesize.prompts import build_prompts
 
     _finetune_two_steps(tmp_path, root, **CLIP)
     final = tmp_path / "ws" / "finetune" / "final"
@@ -141,8 +138,7 @@ def test_finetune_synthesize_and_load_lora_weights(kind, root, tmp_path):
     assert info["text_encoders"] == (["text_encoder"] if kind == "sd15" else ["text_encoder", "text_encoder_2"])
     assert (final / "pytorch_lora_weights.safetensors").is_file()
 
-    r = run_cli("--json", "synthesize", "demo", "--per-class", "1", *_sets(tmp_path, root, **CLIP),
-                       env=ONE_THREAD)
+    r = run_cli("--json", "synthesize", "demo", "--per-class", "1", *_sets(tmp_path, root, **CLIP), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-4000:]
     _check_synthetic(tmp_path / "ws" / "synthetic", per_class=1)
 
@@ -150,15 +146,7 @@ def test_finetune_synthesize_and_load_lora_weights(kind, root, tmp_path):
 
     rec = load_recipe("demo", [x for x in _sets(tmp_path, root, **CLIP) if x != "--set"])
     ws, s, m = tmp_path / "ws", rec.synthesize, rec.model
-    plan = make_plan(rec, read_classes(ws), 1)
-    samples = [plan.shard(i)[j] for i in range(plan.n_shards) for j in range(len(plan.shard(i)))]
-    prompts, _ = build_prompts(rec, plan, ws)
-    eng = Engine(load_model(rec, final, "cpu", torch.float32), resolution=m.resolution, steps=s.steps,
-                 guidance=s.guidance, negative_prompt=s.negative_prompt, max_text_tokens=m.max_text_tokens,
-                 device="cpu", dtype=torch.float32)
-    ours, latents = eng.generate_float(samples, prompts), eng.noise(samples)
-    del eng
-    gc.collect()  # one UNet at a time
+    samples, prompts, ours, latents = synthesized(rec, ws, final, 1)
 
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 
@@ -167,19 +155,12 @@ def test_finetune_synthesize_and_load_lora_weights(kind, root, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(resolve_base(rec), torch_dtype=torch.float32, **extra)
     assert type(pipe).__name__ == R.MODEL_INDEX[kind]["_class_name"]
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     args = dict(prompt=[prompts[x.key] for x in samples], latents=latents, num_inference_steps=s.steps,
                 guidance_scale=s.guidance, height=m.resolution, width=m.resolution, output_type="np")
     if s.negative_prompt or kind == "sd15":
         args["negative_prompt"] = [s.negative_prompt] * len(samples)
-    with torch.no_grad():
-        plain = pipe(**args).images
-        pipe.load_lora_weights(str(final))
-        theirs = pipe(**args).images
-    diff = float(np.abs(ours - theirs).max())
-    print(f"{kind}: max |synthesize - load_lora_weights pipeline| = {diff:.3g}")
-    assert diff <= 1e-4, diff
-    assert float(np.abs(theirs - plain).max()) > 1e-4  # the LoRA changes the images: the check is not vacuous
+    assert_stock_parity(pipe, args, lambda p: p.load_lora_weights(str(final)), ours,
+                        f"{kind}: load_lora_weights pipeline", min_change=1e-4)
 
 
 @pytest.mark.slow
