@@ -61,7 +61,7 @@ from pathlib import Path
 
 import real_shaped
 
-FORMAT = 2
+FORMAT = 3  # 3: sd.build_clip_tokenizer learns its merges deterministically
 KINDS = ("sd15", "sdxl")
 INFO = real_shaped.INFO
 CLIP_LAYERS = 2

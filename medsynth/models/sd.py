@@ -30,7 +30,6 @@ both from :mod:`medsynth.models.tiny`) and SD's scheduler config; saved with
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,7 +63,7 @@ SD_SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
-TINY_SD_FORMAT = 1
+TINY_SD_FORMAT = 2  # 2: the tiny CLIP tokenizer is learned deterministically (learn_bpe_merges)
 CLIP_MAX_TOKENS = 77  # CLIP's position embeddings: every SD 1.x text encoder has 77
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -73,14 +72,17 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def build_clip_tokenizer(recipe):
-    """A ``CLIPTokenizer`` whose byte-level BPE merges are learned offline (tokenizers' BPE trainer)
-    from tiny.CORPUS plus the recipe's class texts, with CLIP's own normaliser and pre-tokeniser."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A ``CLIPTokenizer`` whose byte-level BPE merges are learned offline (:func:`learn_bpe_merges`)
+    from tiny.CORPUS plus the recipe's class texts, split into words by CLIP's own normaliser and
+    pre-tokeniser (tokenizers'), so the slow CLIPTokenizer applies the merges to the same words."""
+    from collections import Counter
+
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
     from ..prompts import fill_template, simple_caption
     from ..recipe import CAPTION_PROMPT
-    from .tiny import CORPUS, _sequential_tokenizers, tokenizer_inputs
+    from .tiny import CORPUS, learn_bpe_merges, tokenizer_inputs
 
     inp = tokenizer_inputs(recipe)
     lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
@@ -89,22 +91,16 @@ def build_clip_tokenizer(recipe):
         lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
     lines.append(recipe.visual_features)
 
-    clip = CLIPTokenizer()  # an empty vocabulary: only for CLIP's normaliser and pre-tokeniser
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = clip.backend_tokenizer.normalizer
-    tok.pre_tokenizer = clip.backend_tokenizer.pre_tokenizer
+    backend = CLIPTokenizer().backend_tokenizer  # an empty vocabulary: only CLIP's normaliser and pre-tokeniser
+    words = Counter(w for ln in lines
+                    for w, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(ln)))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=inp["vocab_size"], initial_alphabet=alphabet, special_tokens=[],
-                                  end_of_word_suffix="</w>", show_progress=False)
-    with _sequential_tokenizers():
-        tok.train_from_iterator(lines, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
     # As CLIP's own vocab: every byte symbol alone and as a word end, then the merges' results, then
     # the two special tokens last (so no learned piece can shadow them).
     vocab: dict[str, int] = {}
     for piece in sorted(alphabet) + sorted(a + "</w>" for a in alphabet):
         vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    merges = learn_bpe_merges(words, max(0, inp["vocab_size"] - len(alphabet)), end_of_word="</w>")
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):

@@ -66,7 +66,7 @@ SDXL_SCHEDULER = {
 }
 _NOT_EULER = ("clip_sample", "sample_max_value", "set_alpha_to_one", "skip_prk_steps")
 
-TINY_SDXL_FORMAT = 1
+TINY_SDXL_FORMAT = 2  # 2: the tiny CLIP tokenizer is learned deterministically (sd.learn_bpe_merges)
 
 
 # ----------------------------------------------------------------------------- tiny base

@@ -221,6 +221,42 @@ def _sequential_tokenizers():
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def learn_bpe_merges(words, n_merges: int, end_of_word: str = "") -> list[tuple[str, str]]:
+    """Byte-pair merges learned from word counts (``words``: word -> count; the symbols are the
+    word's characters, the last one carrying ``end_of_word``, e.g. CLIP's ``</w>``): each step merges
+    the most frequent adjacent pair, ties broken by the pair's text.
+
+    Written here, not with tokenizers' BpeTrainer: that trainer breaks ties between equally frequent
+    pairs differently in each process (measured: 2 different vocabularies in 3 runs of one recipe),
+    so the same recipe built a different tiny tokenizer, and so trained a different model, on every
+    run. The corpus is a few hundred words, so the plain loop takes well under a second.
+    """
+    from collections import Counter
+
+    seqs = {w: [*w[:-1], w[-1] + end_of_word] for w in words if w}
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: Counter = Counter()
+        for w, syms in seqs.items():
+            for pair in zip(syms, syms[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append((a, b))
+        for w, syms in seqs.items():
+            out, i = [], 0
+            while i < len(syms):
+                if i + 1 < len(syms) and syms[i] == a and syms[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
 def build_tokenizer(recipe):
     """A ``T5Tokenizer`` (Unigram, T5's special ids) trained offline on CORPUS + the recipe's texts."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
