@@ -98,7 +98,7 @@ class TinyConfig:
 class ModelConfig:
     base: str = F("PixArt-alpha/PixArt-XL-2-512x512", help="base model (any family of model.family): Hugging Face id, local diffusers directory, or 'tiny' (built in code, no download)")
     family: str | None = F(None, help="backbone family; null = read from the base's model_index.json (_class_name), 'pixart' for 'tiny'",
-                           choices=["pixart", "sd", "sdxl", "hunyuan-dit", "dit"])
+                           choices=["pixart", "sd", "sdxl", "hunyuan-dit", "dit", "sana"])
     revision: str | None = F(None, help="Hub revision (branch, tag or commit) of model.base")
     resolution: int = F(512, help="training and generation size in pixels (square)", min=16)
     dtype: str = F("bf16", help="weights dtype for inference stages", choices=["bf16", "fp16", "fp32"])

@@ -55,7 +55,10 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
         return scheduler.get_velocity(latents, noise, timesteps)
     if kind == "sample":
         return latents
-    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon, v_prediction or sample")
+    if kind == "flow_prediction":
+        # Rectified flow: x_t = (1 - sigma) x0 + sigma noise, the model predicts the velocity noise - x0.
+        return noise - latents
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon, v_prediction, sample or flow_prediction")
 
 
 def denoise(backbone, model, scheduler_config, latents: torch.Tensor, cond, neg_cond, *, steps: int,

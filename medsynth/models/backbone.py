@@ -25,9 +25,10 @@ import torch
 from ..errors import UserError
 
 # family name -> module under medsynth.models (imported on first use: torch/diffusers stay lazy).
-REGISTRY: dict[str, str] = {"pixart": "pixart", "dit": "dit", "sd": "sd", "hunyuan-dit": "hunyuan_dit", "sdxl": "sdxl"}
+REGISTRY: dict[str, str] = {"pixart": "pixart", "dit": "dit", "sd": "sd", "hunyuan-dit": "hunyuan_dit", "sdxl": "sdxl",
+                           "sana": "sana"}
 # Every name recipe.model.family accepts; the ones missing from REGISTRY are planned, not built yet.
-FAMILIES = ("pixart", "sd", "sdxl", "hunyuan-dit", "dit")
+FAMILIES = ("pixart", "sd", "sdxl", "hunyuan-dit", "dit", "sana")
 # model_index.json _class_name -> family.
 PIPELINE_FAMILIES: dict[str, str] = {
     "PixArtAlphaPipeline": "pixart",
@@ -36,6 +37,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusionXLPipeline": "sdxl",
     "HunyuanDiTPipeline": "hunyuan-dit",
     "DiTPipeline": "dit",
+    "SanaPipeline": "sana",
 }
 # The family of model.base 'tiny' and of finetune outputs written before adapter.json named one.
 DEFAULT_FAMILY = "pixart"
