@@ -53,6 +53,9 @@ FAMILY_SETTINGS: dict[str, list[str]] = {
     "sdxl": ["finetune.adapter=full", "finetune.lora.text_encoder=true"],
     "hunyuan-dit": ["finetune.adapter=full", "finetune.lora.text_encoder=false"],
     "dit": ["finetune.adapter=full", "finetune.lora.text_encoder=false"],
+    # Gemma-2 stays frozen (Sana's LoRA loader takes the transformer only). Its tiny base has a random DC-AE
+    # (model.tiny.autoencoder does not apply): its row measures the code path, not what Sana can do.
+    "sana": ["finetune.adapter=full", "finetune.lora.text_encoder=false"],
 }
 
 
