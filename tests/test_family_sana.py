@@ -24,12 +24,9 @@ SANA = {"finetune.adapter": "lora", "model.max_text_tokens": 24, "model.tiny.hea
 
 
 def _recipe(tmp: Path, data: Path, **extra):
-    r = family_recipe(tmp, data, SANA, **extra)
-    if "model.base" not in extra:
-        # model.base 'tiny' with model.family 'sana', set here rather than with --set: the CLI runs
-        # below name the built directory instead, whose model_index.json says SanaPipeline.
-        r.model.family = "sana"
-    return r
+    # model.base 'tiny' needs model.family 'sana'; the built directory (extra model.base) is detected
+    # from its model_index.json, which the CLI runs below rely on.
+    return family_recipe(tmp, data, SANA, **({} if "model.base" in extra else {"model.family": "sana"}), **extra)
 
 
 @pytest.fixture(scope="module")
