@@ -81,3 +81,14 @@ def assert_stock_parity(pipe, args: dict, load, ours, label: str, min_change: fl
     assert diff <= 1e-4, diff
     assert float(np.abs(theirs - plain).max()) > min_change
     return theirs
+
+
+# What `medsynth -q` must not print: weight-loading / shard-writing progress bars, library log lines
+# and library Future/Deprecation warnings.
+LIBRARY_CHATTER = ("Loading weights", "Writing model shards", "FutureWarning", "DeprecationWarning",
+                   "should be kept in float32", "it/s]")
+
+
+def assert_quiet(stderr: str) -> None:
+    for noise in LIBRARY_CHATTER:
+        assert noise not in stderr, (noise, stderr[-2000:])

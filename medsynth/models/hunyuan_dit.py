@@ -187,16 +187,10 @@ def build_bert_tokenizer(recipe):
 
     from transformers import BertTokenizer
 
-    from ..prompts import fill_template, simple_caption
-    from ..recipe import CAPTION_PROMPT
-    from .tiny import _ALPHABET, CORPUS, tokenizer_inputs
+    from .tiny import _ALPHABET, tokenizer_corpus, tokenizer_inputs
 
     inp = tokenizer_inputs(recipe)
-    lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
-    for cat in inp["classes"] or ["lesion"]:
-        lines.append(simple_caption(recipe.modality, cat))
-        lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
-    lines.append(recipe.visual_features)
+    lines = tokenizer_corpus(recipe)
     # BERT's basic tokenizer splits on whitespace and punctuation after lower-casing.
     words = Counter(w for ln in lines for w in re.findall(r"\w+|[^\w\s]", ln.lower()))
     chars = sorted({c.lower() for c in _ALPHABET} | {c for w in words for c in w})

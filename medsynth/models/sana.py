@@ -149,16 +149,10 @@ class FlowMatchTraining:
 
 def build_gemma_tokenizer(recipe):
     """A ``GemmaTokenizer`` trained offline on tiny.CORPUS plus the recipe's class texts."""
-    from ..prompts import fill_template, simple_caption
-    from ..recipe import CAPTION_PROMPT
-    from .tiny import CORPUS, tokenizer_inputs
+    from .tiny import tokenizer_corpus, tokenizer_inputs
 
     inp = tokenizer_inputs(recipe)
-    lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
-    for cat in inp["classes"] or ["lesion"]:
-        lines.append(simple_caption(recipe.modality, cat))
-        lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
-    lines.append(recipe.visual_features)
+    lines = tokenizer_corpus(recipe)
     return train_gemma_tokenizer(lines, inp["vocab_size"], model_max_length=inp["max_text_tokens"],
                                  padding_side="right")
 

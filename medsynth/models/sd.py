@@ -80,16 +80,10 @@ def build_clip_tokenizer(recipe):
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    from ..prompts import fill_template, simple_caption
-    from ..recipe import CAPTION_PROMPT
-    from .tiny import CORPUS, learn_bpe_merges, tokenizer_inputs
+    from .tiny import learn_bpe_merges, tokenizer_corpus, tokenizer_inputs
 
     inp = tokenizer_inputs(recipe)
-    lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
-    for cat in inp["classes"] or ["lesion"]:
-        lines.append(simple_caption(recipe.modality, cat))
-        lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
-    lines.append(recipe.visual_features)
+    lines = tokenizer_corpus(recipe)
 
     backend = CLIPTokenizer().backend_tokenizer  # an empty vocabulary: only CLIP's normaliser and pre-tokeniser
     words = Counter(w for ln in lines

@@ -134,6 +134,19 @@ def class_texts(recipe) -> list[str]:
     return [c.resolved_category() for c in (recipe.classes or [])]
 
 
+def tokenizer_corpus(recipe) -> list[str]:
+    """The lines every tiny tokenizer (T5, CLIP, BERT, Gemma) learns from: CORPUS, and per class the
+    simple caption and the VLM prompt, and the recipe's visual features."""
+    from ..prompts import fill_template, simple_caption
+
+    lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
+    for cat in tokenizer_inputs(recipe)["classes"] or ["lesion"]:
+        lines.append(simple_caption(recipe.modality, cat))
+        lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
+    lines.append(recipe.visual_features)
+    return lines
+
+
 def tokenizer_inputs(recipe) -> dict:
     """Everything the tokenizer build depends on (its cache key)."""
     return {
@@ -262,14 +275,8 @@ def build_tokenizer(recipe):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
-    from ..prompts import fill_template, simple_caption
-
     inp = tokenizer_inputs(recipe)
-    lines = [ln.strip() for ln in CORPUS.strip().splitlines() if ln.strip()]
-    for cat in inp["classes"] or ["lesion"]:
-        lines.append(simple_caption(recipe.modality, cat))
-        lines.append(fill_template(CAPTION_PROMPT, recipe.modality, cat, recipe.visual_features))
-    lines.append(recipe.visual_features)
+    lines = tokenizer_corpus(recipe)
 
     tok = Tokenizer(models.Unigram())
     # The same pre-tokenizer T5Tokenizer installs, so the learned pieces match how text is split.
