@@ -167,20 +167,30 @@ def _tiny_vae(recipe, images):
     return vae, {"autoencoder": "fitted", **stats}
 
 
+def unet_geometry(recipe, label: str) -> tuple[int, int]:
+    """(autoencoder factor, resolution) of a tiny UNet base (SD, SDXL), or a UserError when the
+    resolution does not pass through the autoencoder and the UNet's one downsampling."""
+    from ..errors import UserError
+    from . import tiny as T
+
+    f, res = T.vae_factor(recipe.model.tiny), recipe.model.resolution
+    if res % (2 * f):
+        raise UserError(f"model.resolution {res} does not suit the tiny {label} base: its autoencoder downsamples x{f} "
+                        f"and its UNet x2, so it must be a multiple of {2 * f}; e.g. --set "
+                        f"model.resolution={max(2 * f, res // (2 * f) * 2 * f)}")
+    return f, res
+
+
 def ensure_tiny(recipe) -> Path:
     """The cached tiny SD base for this recipe and workspace, built on first use."""
     from .. import console
     from ..data import read_manifest
-    from ..errors import UserError
     from . import tiny as T
 
     final = tiny_dir(recipe)
     if (final / T.INFO_FILE).is_file():
         return final
-    f, res = T.vae_factor(recipe.model.tiny), recipe.model.resolution
-    if res % (2 * f):
-        raise UserError(f"model.resolution {res} does not suit the tiny SD base: its autoencoder downsamples x{f} and "
-                        f"its UNet x2, so it must be a multiple of {2 * f}; e.g. --set model.resolution={max(2 * f, res // (2 * f) * 2 * f)}")
+    f, res = unet_geometry(recipe, "SD")
     console.info(f"tiny base: building {final} (Stable Diffusion layout, once per data set and settings)")
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -43,7 +43,8 @@ import torch
 
 from ..workspace import atomic_write_json, sha256_json
 from .backbone import Cond
-from .sd import CLIP_MAX_TOKENS, CLIP_TARGETS, LORA_FILE, UNET_TARGETS, SDBackbone, _tiny_vae, build_clip_tokenizer
+from .sd import (CLIP_MAX_TOKENS, CLIP_TARGETS, LORA_FILE, UNET_TARGETS, SDBackbone, _tiny_vae, build_clip_tokenizer,
+                 unet_geometry)
 
 # scheduler/scheduler_config.json of stable-diffusion-xl-base-1.0: EulerDiscrete, scaled-linear
 # betas, "leading" spacing. The keys Euler does not take stay in the saved config (DDPM / DDIM built
@@ -127,16 +128,12 @@ def ensure_tiny(recipe) -> Path:
     """The cached tiny SDXL base for this recipe and workspace, built on first use."""
     from .. import console
     from ..data import read_manifest
-    from ..errors import UserError
     from . import tiny as T
 
     final = tiny_dir(recipe)
     if (final / T.INFO_FILE).is_file():
         return final
-    f, res = T.vae_factor(recipe.model.tiny), recipe.model.resolution
-    if res % (2 * f):
-        raise UserError(f"model.resolution {res} does not suit the tiny SDXL base: its autoencoder downsamples x{f} and "
-                        f"its UNet x2, so it must be a multiple of {2 * f}; e.g. --set model.resolution={max(2 * f, res // (2 * f) * 2 * f)}")
+    f, res = unet_geometry(recipe, "SDXL")
     console.info(f"tiny base: building {final} (Stable Diffusion XL layout, once per data set and settings)")
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
