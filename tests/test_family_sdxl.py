@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _helpers import kill_medsynth_when
-from _family import cli_env, family_recipe, load_comps, prepare_family_base
+from _family import assert_stock_parity, cli_env, family_recipe, load_comps, prepare_family_base, synthesized
 from conftest import run_cli
 from test_family_sd import _shard_images
 from test_finetune_cli import _read_log, _sets
@@ -264,38 +264,20 @@ def test_load_lora_weights_gives_the_synthesized_images(ran):
     """A user's StableDiffusionXLPipeline + pipe.load_lora_weights(final/) == medsynth's synthesis path."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
-    from medsynth.data import read_classes
     from medsynth.models.loading import resolve_base
-    from medsynth.synthesize import load_model, make_plan
-    from medsynth.synthesize.engine import Engine
-    from medsynth.synthesize.prompts import build_prompts
 
     tmp, _, r = ran
     ws, final = tmp / "ws", tmp / "ws" / "finetune" / "final"
     s, m = r.synthesize, r.model
-    plan = make_plan(r, read_classes(ws), s.per_class)
-    samples = [plan.shard(i)[j] for i in range(plan.n_shards) for j in range(len(plan.shard(i)))]
-    prompts, _ = build_prompts(r, plan, ws)
-    eng = Engine(load_model(r, final, "cpu", torch.float32), resolution=m.resolution, steps=s.steps,
-                 guidance=s.guidance, negative_prompt=s.negative_prompt, max_text_tokens=m.max_text_tokens,
-                 device="cpu", dtype=torch.float32)
-    ours = eng.generate_float(samples, prompts)
-
+    samples, prompts, ours, noise = synthesized(r, ws, final, s.per_class)
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(r), torch_dtype=torch.float32)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     neg = [s.negative_prompt] * len(samples) if s.negative_prompt else None
-    args = dict(prompt=[prompts[x.key] for x in samples], negative_prompt=neg, latents=eng.noise(samples),
+    args = dict(prompt=[prompts[x.key] for x in samples], negative_prompt=neg, latents=noise,
                 num_inference_steps=s.steps, guidance_scale=s.guidance, height=m.resolution, width=m.resolution,
                 output_type="np")
-    with torch.no_grad():
-        plain = pipe(**args).images
-        pipe.load_lora_weights(str(final))
-        theirs = pipe(**args).images
-    diff = float(np.abs(ours - theirs).max())
-    print(f"max |synthesize - load_lora_weights pipeline| = {diff:.3g}")
-    assert diff <= 1e-4, diff
-    assert float(np.abs(theirs - plain).max()) > 1e-3  # the LoRA changes the images: the check is not vacuous
+    theirs = assert_stock_parity(pipe, args, lambda p: p.load_lora_weights(str(final)), ours,
+                                 "load_lora_weights pipeline", min_change=1e-3)
     shards = _shard_images(ws / "synthetic")
     want = (theirs * 255).round().clip(0, 255).astype(np.uint8)
     for x, img in zip(samples, want):
